@@ -1,0 +1,46 @@
+# One-word commands for people and CI. `make help` lists them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+export RECSCALE_DATA ?= $(abspath ../shared/data)
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install recscale with its dev tools
+
+demo: $(STAMP) ## run the whole pipeline on a synthetic viewing log (about 2 minutes)
+	$(BIN)/recscale demo --out demo-out
+
+test: $(STAMP) ## run the whole test suite (slow tests included, as CI does)
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+test-fast: $(STAMP) ## run the tests not marked slow
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+lint: $(STAMP) ## ruff check + format check
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: $(STAMP) ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: $(STAMP) ## ingest benchmark: recscale (DuckDB) vs pandas on a generated 10M-row CSV
+	$(BIN)/python bench/ingest.py --rows 10000000
+
+clean: ## remove the virtualenv, caches and demo output
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out

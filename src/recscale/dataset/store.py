@@ -1,0 +1,219 @@
+"""Opening a dataset directory and reading its tables, splits and id maps.
+
+No engine and no torch here: Arrow for the files, NumPy for the arrays models consume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from recscale.dataset.manifest import Manifest
+from recscale.dataset.schema import INTERACTIONS_SCHEMA, SPLIT_PARTS
+from recscale.errors import DatasetError, SplitNotFoundError, UnknownIdError
+
+__all__ = ["Dataset", "Interactions", "Split", "open_dataset", "read_parts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Interactions:
+    """Interactions as parallel NumPy arrays over the dataset's dense indices."""
+
+    user_idx: np.ndarray  # int32
+    item_idx: np.ndarray  # int32
+    ts: np.ndarray  # int64; -1 where the source had no time
+    value: np.ndarray  # float32
+    n_users: int
+    n_items: int
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, n_users: int, n_items: int) -> Interactions:
+        ts = table.column("ts")
+        return cls(
+            user_idx=table.column("user_idx").to_numpy().astype(np.int32, copy=False),
+            item_idx=table.column("item_idx").to_numpy().astype(np.int32, copy=False),
+            ts=ts.fill_null(-1).to_numpy().astype(np.int64, copy=False),
+            value=table.column("value").to_numpy().astype(np.float32, copy=False),
+            n_users=n_users,
+            n_items=n_items,
+        )
+
+    def to_csr(self, values: str = "ones") -> sp.csr_matrix:
+        """The users × items matrix; ``values`` is ``"ones"`` (binary) or ``"value"``."""
+        data = np.ones(len(self), np.float32) if values == "ones" else self.value
+        matrix = sp.csr_matrix(
+            (data, (self.user_idx, self.item_idx)),
+            shape=(self.n_users, self.n_items),
+            dtype=np.float32,
+        )
+        if values == "ones":
+            matrix.data[:] = 1.0  # duplicates were summed; binary means seen at least once
+        matrix.sort_indices()
+        return matrix
+
+    def user_lists(self) -> list[np.ndarray]:
+        """Item indices of each user (index = user), in no particular order."""
+        csr = self.to_csr()
+        return [csr.indices[csr.indptr[u] : csr.indptr[u + 1]] for u in range(self.n_users)]
+
+
+def read_parts(directory: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read every ``part-*.parquet`` under ``directory`` as one table with the dataset schema."""
+    directory = Path(directory)
+    files = sorted(directory.glob("part-*.parquet"))
+    if not files:
+        raise DatasetError(f"{directory}: no part-*.parquet files")
+    try:
+        table = pads.dataset(
+            [str(f) for f in files], format="parquet", schema=_schema_for(files[0])
+        ).to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(f"{directory}: unreadable Parquet: {exc}") from None
+    return table
+
+
+def _schema_for(first: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(first)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(f"{first}: unreadable Parquet: {exc}") from None
+
+
+class Split:
+    """One split of a dataset: ``splits/<name>/{train,valid,test}/part-*.parquet`` + ``split.json``."""
+
+    def __init__(self, dataset: Dataset, name: str) -> None:
+        self.dataset = dataset
+        self.name = name
+        self.path = dataset.path / "splits" / name
+        if not (self.path / "split.json").is_file():
+            have = ", ".join(dataset.split_names()) or "none"
+            raise SplitNotFoundError(
+                f"dataset {dataset.path} has no split {name!r} (splits: {have}); "
+                f"create it with `recscale split {dataset.path} --strategy ...`"
+            )
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.path / "split.json").read_text())
+
+    def has(self, part: str) -> bool:
+        return (self.path / part).is_dir() and any((self.path / part).glob("part-*.parquet"))
+
+    def table(self, part: str) -> pa.Table:
+        if part not in SPLIT_PARTS:
+            raise ValueError(f"part must be one of {SPLIT_PARTS}, got {part!r}")
+        if not self.has(part):
+            raise DatasetError(f"split {self.name!r} of {self.dataset.path} has no {part!r} part")
+        return read_parts(self.path / part)
+
+    def interactions(self, part: str) -> Interactions:
+        return Interactions.from_table(self.table(part), self.dataset.n_users, self.dataset.n_items)
+
+    def __repr__(self) -> str:
+        return f"Split({str(self.dataset.path)!r}, {self.name!r})"
+
+
+class Dataset:
+    """A dataset directory (see ``dataset/README.md``), opened read-only."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise DatasetError(
+                f"dataset {str(self.path)!r} does not exist; create it with `recscale ingest ... --out {self.path}`"
+            )
+        self.manifest = Manifest.read(self.path)
+
+    @property
+    def n_users(self) -> int:
+        return self.manifest.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.manifest.n_items
+
+    def interactions_table(self, columns: list[str] | None = None) -> pa.Table:
+        return read_parts(self.path / "interactions", columns)
+
+    def interactions(self) -> Interactions:
+        return Interactions.from_table(self.interactions_table(), self.n_users, self.n_items)
+
+    def interaction_files(self) -> list[Path]:
+        return sorted((self.path / "interactions").glob("part-*.parquet"))
+
+    @cached_property
+    def users(self) -> pa.Table:
+        return pq.read_table(self.path / "users.parquet")
+
+    @cached_property
+    def items(self) -> pa.Table:
+        return pq.read_table(self.path / "items.parquet")
+
+    @cached_property
+    def _user_index(self) -> dict[str, int]:
+        return dict(
+            zip(
+                self.users.column("user_id").to_pylist(),
+                self.users.column("user_idx").to_pylist(),
+                strict=True,
+            )
+        )
+
+    def user_index(self, user_id: str | int) -> int:
+        """The dense index of an original user id; an unknown id is an :class:`UnknownIdError`."""
+        try:
+            return self._user_index[str(user_id)]
+        except KeyError:
+            raise UnknownIdError(
+                f"unknown user id {str(user_id)!r}: not in {self.path / 'users.parquet'}"
+            ) from None
+
+    def item_ids(self, item_idx: np.ndarray) -> list[str]:
+        ids = self.items.column("item_id").to_numpy(zero_copy_only=False)
+        return [str(x) for x in ids[np.asarray(item_idx, dtype=np.int64)]]
+
+    def item_titles(self, item_idx: np.ndarray) -> list[str | None]:
+        if "title" not in self.items.column_names:
+            return [None] * len(item_idx)
+        titles = self.items.column("title").to_numpy(zero_copy_only=False)
+        return list(titles[np.asarray(item_idx, dtype=np.int64)])
+
+    @cached_property
+    def quality(self) -> dict[str, Any]:
+        path = self.path / "quality.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def split_names(self) -> list[str]:
+        root = self.path / "splits"
+        return (
+            sorted(p.name for p in root.iterdir() if (p / "split.json").is_file())
+            if root.is_dir()
+            else []
+        )
+
+    def split(self, name: str) -> Split:
+        return Split(self, name)
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.path)!r}, users={self.n_users}, items={self.n_items}, interactions={self.manifest.n_interactions})"
+
+
+def open_dataset(path: str | Path) -> Dataset:
+    """Open the dataset directory at ``path``; a missing or invalid one is a :class:`DatasetError`."""
+    return Dataset(path)
+
+
+INTERACTION_COLUMNS = INTERACTIONS_SCHEMA.names
