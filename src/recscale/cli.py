@@ -1,0 +1,329 @@
+"""The ``recscale`` command: one subcommand per stage.
+
+Each subcommand turns its flags (over an optional TOML config) into the stage's frozen config and
+calls the stage function; no logic lives here. Any :class:`RecscaleError` is printed as one line,
+``TypeName: message``, with exit status 1; a bad flag is a ``ConfigError`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from recscale.config import (
+    EvalConfig,
+    IngestConfig,
+    SplitConfig,
+    TrainConfig,
+    config_from_dict,
+    load_toml,
+)
+from recscale.errors import ConfigError, RecscaleError
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one-line ConfigErrors instead of usage dumps."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _k_list(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 10,20,50, got {text!r}"
+        ) from None
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"expected positive cut-offs like 10,20,50, got {text!r}")
+    return ks
+
+
+def _merge(
+    cls: type, file_tables: dict[str, Any], table: str, flags: dict[str, Any], where: str
+) -> Any:
+    """Defaults < the config file's ``[table]`` < flags that were given."""
+    values = dict(file_tables.get(table, {}))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return config_from_dict(cls, values, where=where)
+
+
+def _file_tables(path: str | None, allowed: set[str]) -> dict[str, Any]:
+    if path is None:
+        return {}
+    tables = load_toml(path)
+    unknown = sorted(set(tables) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown table [{unknown[0]}]; allowed tables are: {', '.join(sorted(allowed))}"
+        )
+    return tables
+
+
+# --- subcommands -------------------------------------------------------------------------------
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from recscale.ingest import format_quality, ingest
+
+    tables = _file_tables(args.config, {"ingest"})
+    flags = {
+        "format": args.format,
+        "user_col": args.user_col,
+        "item_col": args.item_col,
+        "time_col": args.time_col,
+        "value_col": args.value_col,
+        "delimiter": args.delimiter,
+        "dedupe": args.dedupe,
+        "min_user_interactions": args.min_user_interactions,
+        "min_item_interactions": args.min_item_interactions,
+        "positive_threshold": args.positive_threshold,
+        "memory_limit": args.memory_limit,
+        "items_file": args.items_file,
+        "users_file": args.users_file,
+    }
+    if args.no_header:
+        flags["header"] = False
+    config = _merge(IngestConfig, tables, "ingest", flags, args.config or "flags")
+    result = ingest(args.sources, args.out, config, append=args.append, progress=not args.quiet)
+    print(format_quality(result.quality))
+    print(f"wrote {result.dataset.path}")
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from recscale.ingest.split import make_split
+
+    tables = _file_tables(args.config, {"split"})
+    flags = {
+        "strategy": args.strategy,
+        "name": args.name,
+        "seed": args.seed,
+        "k": args.k,
+        "test_fraction": args.test_fraction,
+        "valid_fraction": args.valid_fraction,
+        "test_quantile": args.test_quantile,
+        "cutoff": args.cutoff,
+    }
+    if args.no_valid:
+        flags["valid"] = False
+    config = _merge(SplitConfig, tables, "split", flags, args.config or "flags")
+    split = make_split(args.dataset, config)
+    counts = split.meta["counts"]
+    print(
+        f"split {split.name!r} ({config.strategy}): train {counts['train']:,}  "
+        f"valid {counts['valid']:,}  test {counts['test']:,}  -> {split.path}"
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from recscale.train import train
+
+    tables = _file_tables(args.config, {"train", "model"})
+    flags = {
+        "model": args.model,
+        "split": args.split,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "device": args.device,
+    }
+    if args.quiet:
+        flags["progress"] = False
+    config = _merge(TrainConfig, tables, "train", flags, args.config or "flags")
+    run = train(args.dataset, config, tables.get("model"), run_dir=args.run, resume=args.resume)
+    print(f"run written to {run.path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from recscale.evaluate import format_metrics_table
+    from recscale.train import Run
+
+    config = EvalConfig(
+        **{k: v for k, v in {"ks": args.k, "part": args.part}.items() if v is not None}
+    )
+    run = Run.open(args.run)
+    metrics = run.evaluate(config)
+    print(format_metrics_table([(run.config.model, metrics)], config.ks))
+    print(f"wrote {run.path / 'eval.json'}")
+    return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from recscale.train import Run
+
+    run = Run.open(args.run)
+    recs = run.recommend(args.user, args.k, exclude_seen=not args.include_seen)
+    if args.json:
+        print(json.dumps({"user": args.user, "items": recs}, indent=2))
+        return 0
+    print(f"top {len(recs)} for user {args.user} ({run.config.model}):")
+    for rec in recs:
+        title = f"  {rec['title']}" if rec.get("title") else ""
+        print(f"{rec['rank']:>3}. {rec['item_id']:<12} {rec['score']:>9.4f}{title}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from recscale.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        **{
+            k: v
+            for k, v in {
+                "users": args.users,
+                "items": args.items,
+                "events": args.events,
+                "epochs": args.epochs,
+                "seed": args.seed,
+            }.items()
+            if v is not None
+        }
+    )
+    run_demo(Path(args.out), config, progress=not args.quiet)
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="recscale", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"recscale {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("ingest", help="raw logs -> dataset directory (DuckDB, out-of-core)")
+    p.add_argument("sources", nargs="+", help="files, globs or directories")
+    p.add_argument("--out", required=True, help="dataset directory to write")
+    p.add_argument(
+        "--format", choices=["auto", "csv", "tsv", "jsonl", "parquet", "movielens", "lightgcn"]
+    )
+    p.add_argument("--user-col")
+    p.add_argument("--item-col")
+    p.add_argument("--time-col")
+    p.add_argument("--value-col")
+    p.add_argument("--delimiter")
+    p.add_argument("--no-header", action="store_true", help="csv/tsv: the first line is data")
+    p.add_argument("--dedupe", choices=["keep-first", "keep-last", "sum", "count", "none"])
+    p.add_argument("--min-user-interactions", type=int, metavar="N")
+    p.add_argument("--min-item-interactions", type=int, metavar="N")
+    p.add_argument(
+        "--positive-threshold", type=float, metavar="X", help="values below X are not positives"
+    )
+    p.add_argument("--memory-limit", metavar="SIZE", help="DuckDB memory limit, e.g. 2GB (default)")
+    p.add_argument("--items-file", help="item metadata (id, title, genres, ...) to join")
+    p.add_argument("--users-file", help="user metadata to join")
+    p.add_argument(
+        "--append", action="store_true", help="add to an existing dataset, keeping its indices"
+    )
+    p.add_argument("--config", help="TOML file with an [ingest] table")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("split", help="dataset -> train/valid/test split")
+    p.add_argument("dataset")
+    p.add_argument("--strategy", choices=["leave-last", "temporal", "random", "given"])
+    p.add_argument("--name", help="split name (default: the strategy)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--k", type=_positive_int, help="leave-last: items per user held out")
+    p.add_argument("--test-fraction", type=float)
+    p.add_argument("--valid-fraction", type=float)
+    p.add_argument("--test-quantile", type=float, help="temporal: cutoff as a quantile of time")
+    p.add_argument("--cutoff", type=int, help="temporal: cutoff as a unix time")
+    p.add_argument("--no-valid", action="store_true", help="no validation carve-out")
+    p.add_argument("--config", help="TOML file with a [split] table")
+    p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser("train", help="train a model on a split; writes a run directory")
+    p.add_argument("dataset")
+    p.add_argument("--split", help="split name (default: leave-last)")
+    p.add_argument("--model", help="popularity | ials | mf-bpr")
+    p.add_argument("--config", help="TOML file with [train] and [model] tables")
+    p.add_argument("--run", help="run directory (default: runs/<dataset>-<model>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="full-ranking metrics of a run; writes RUN/eval.json")
+    p.add_argument("run")
+    p.add_argument("--k", type=_k_list, help="cut-offs, e.g. 10,20,50")
+    p.add_argument("--part", choices=["test", "valid"])
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top items for one user of a run")
+    p.add_argument("run")
+    p.add_argument("--user", required=True, help="original user id")
+    p.add_argument("-k", type=_positive_int, default=10)
+    p.add_argument(
+        "--include-seen", action="store_true", help="do not hide the user's training items"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_recommend)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a synthetic viewing log")
+    p.add_argument("--out", default="demo-out", help="where raw files, dataset and runs go")
+    p.add_argument("--users", type=_positive_int)
+    p.add_argument("--items", type=_positive_int)
+    p.add_argument("--events", type=_positive_int)
+    p.add_argument("--epochs", type=_positive_int, help="MF-BPR epochs")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recscale")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (also used by ``python -m recscale``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as exc:
+        print(f"ConfigError: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except RecscaleError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; nothing already stored was changed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
