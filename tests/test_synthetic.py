@@ -33,6 +33,7 @@ def test_line_accounting_and_dirty_kinds(tmp_path) -> None:
         and f[1]
         and f[2].endswith(b"Z")
         and f[2][:4].isdigit()
+        and not f[2].startswith(b"2020-13-45")
         and f[3] not in (b"nan", b"inf", b"lots")
         and b"\xe9" not in f[1]
     ]
