@@ -206,11 +206,26 @@ class IngestConfig:
     # metadata files (titles, genres) joined onto items.parquet / users.parquet
     items_file: str | None = None
     users_file: str | None = None
+    # ids: "int" rejects ids that are not integers (bad_user/bad_item); "string" accepts any
+    # text; "auto" = "int" for MovieLens and LightGCN (integer ids by definition), else "string"
+    id_type: typing.Literal["auto", "int", "string"] = "auto"
 
     def __post_init__(self) -> None:
         if self.min_user_interactions < 0 or self.min_item_interactions < 0:
             raise ConfigError("ingest: min_user_interactions/min_item_interactions must be >= 0")
         _positive("ingest", rows_per_group=self.rows_per_group, threads=self.threads)
+        hints = typing.get_type_hints(IngestConfig)
+        for name in ("format", "dedupe", "id_type"):
+            allowed = typing.get_args(hints[name])
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"ingest: {name} {getattr(self, name)!r} is unknown; expected one of "
+                    + ", ".join(repr(a) for a in allowed)
+                )
+        if self.delimiter is not None and not 1 <= len(self.delimiter) <= 4:
+            raise ConfigError(
+                f"ingest: delimiter must be 1 to 4 characters, got {self.delimiter!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,13 +244,34 @@ class SplitConfig:
     test_quantile: float = 0.9
     valid_quantile: float | None = 0.8
     cutoff: int | None = None
+    # temporal: an explicit unix time where valid starts (instead of valid_quantile)
+    valid_cutoff: int | None = None
     # whether to carve a validation set out of train (leave-last, random, given)
     valid: bool = True
     # users with fewer than this many interactions keep them all in train (leave-last)
     min_history: int = 3
+    # DuckDB resources; they change how fast a split is made, never what it holds
+    memory_limit: str = "2GB"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
-        _positive("split", k=self.k)
+        strategies = typing.get_args(typing.get_type_hints(SplitConfig)["strategy"])
+        if self.strategy not in strategies:
+            allowed = ", ".join(repr(s) for s in strategies)
+            raise ConfigError(
+                f"split: strategy {self.strategy!r} is unknown; expected one of {allowed}"
+            )
+        _positive("split", k=self.k, threads=self.threads)
+        if self.min_history < 0:
+            raise ConfigError(f"split: min_history must be >= 0, got {self.min_history!r}")
+        if (
+            self.cutoff is not None
+            and self.valid_cutoff is not None
+            and self.valid_cutoff > self.cutoff
+        ):
+            raise ConfigError(
+                f"split: valid_cutoff ({self.valid_cutoff}) must not be after cutoff ({self.cutoff})"
+            )
         for name in ("test_fraction", "valid_fraction", "test_quantile"):
             value = getattr(self, name)
             if not 0 < value < 1:
@@ -257,9 +293,12 @@ class TrainConfig:
     batch_size: int = 8192
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # negative sampling: redraw negatives that are among the user's training items
+    reject_positives: bool = True
     # validation and early stopping on NDCG@validate_k of the split's valid part
     validate_every: int = 1
     validate_k: int = 20
+    # validations in a row without improvement before training stops; 0 = never stop early
     patience: int = 3
     # evaluating on a sample of users keeps validation cheap on big data; 0 = all users
     validate_users: int = 0
