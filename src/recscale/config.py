@@ -293,6 +293,9 @@ class TrainConfig:
     batch_size: int = 8192
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # positives: each training row once per epoch ("interactions"), or a uniform user and then
+    # one of its items ("users", LightGCN's sampler: every user weighs the same)
+    sampling: typing.Literal["interactions", "users"] = "users"
     # negative sampling: redraw negatives that are among the user's training items
     reject_positives: bool = True
     # validation and early stopping on NDCG@validate_k of the split's valid part
