@@ -166,3 +166,15 @@ def test_interactions_round_trip(tmp_path_factory, rows) -> None:
     )
     write_parquet_parts(table, root, INTERACTIONS_SCHEMA, rows_per_file=7, rows_per_group=3)
     assert read_parts(root).equals(table.cast(INTERACTIONS_SCHEMA))
+
+
+def test_small_batches_are_regrouped_into_full_row_groups(tmp_path) -> None:
+    table = interactions(1000)
+    batches = table.to_batches(max_chunksize=70)  # an engine handing out small batches
+    n = write_parquet_parts(
+        batches, tmp_path / "g", INTERACTIONS_SCHEMA, rows_per_file=600, rows_per_group=250
+    )
+    meta = [pq.ParquetFile(f).metadata for f in sorted((tmp_path / "g").glob("part-*.parquet"))]
+    sizes = [[m.row_group(i).num_rows for i in range(m.num_row_groups)] for m in meta]
+    assert n == 1000 and sizes == [[250, 250, 100], [150, 250]]
+    assert read_parts(tmp_path / "g").equals(table.cast(INTERACTIONS_SCHEMA))

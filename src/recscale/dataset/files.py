@@ -78,25 +78,42 @@ def write_parquet_parts(
     def open_part() -> pq.ParquetWriter:
         return pq.ParquetWriter(directory / f"part-{part:05d}.parquet", schema, compression="zstd")
 
+    def write(table: pa.Table) -> None:
+        nonlocal writer, part, in_file, total
+        offset = 0
+        while offset < table.num_rows:
+            if writer is None:
+                writer = open_part()
+            take = min(table.num_rows - offset, rows_per_file - in_file)
+            writer.write_table(table.slice(offset, take), row_group_size=rows_per_group)
+            offset += take
+            in_file += take
+            total += take
+            if in_file >= rows_per_file:
+                writer.close()
+                writer = None
+                part += 1
+                in_file = 0
+
+    # Engines hand out batches of whatever size suits them (DuckDB: ~120k rows); buffer them so
+    # every row group but the last holds ``rows_per_group`` rows, the unit streaming readers read.
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
     try:
         for batch in source:
             if batch.num_rows == 0:
                 continue
-            table = pa.Table.from_batches([batch]).cast(schema)
-            offset = 0
-            while offset < table.num_rows:
-                if writer is None:
-                    writer = open_part()
-                take = min(table.num_rows - offset, rows_per_file - in_file)
-                writer.write_table(table.slice(offset, take), row_group_size=rows_per_group)
-                offset += take
-                in_file += take
-                total += take
-                if in_file >= rows_per_file:
-                    writer.close()
-                    writer = None
-                    part += 1
-                    in_file = 0
+            pending.extend(pa.Table.from_batches([batch]).cast(schema).to_batches())
+            pending_rows += batch.num_rows
+            if pending_rows >= rows_per_group:
+                table = pa.Table.from_batches(pending, schema=schema)
+                cut = pending_rows - pending_rows % rows_per_group
+                write(table.slice(0, cut))
+                rest = table.slice(cut)
+                pending = rest.to_batches() if rest.num_rows else []
+                pending_rows = rest.num_rows
+        if pending_rows:
+            write(pa.Table.from_batches(pending, schema=schema))
         if writer is None and total == 0:
             open_part().close()
     finally:

@@ -8,5 +8,6 @@ format of ``recscale/dataset/README.md`` atomically, with a quality report.
 
 from recscale.ingest.api import IngestResult, format_quality, ingest
 from recscale.ingest.rules import REASONS
+from recscale.ingest.split import make_split
 
-__all__ = ["REASONS", "IngestResult", "format_quality", "ingest"]
+__all__ = ["REASONS", "IngestResult", "format_quality", "ingest", "make_split"]
