@@ -348,6 +348,7 @@ class DuckDBIngest:
             )
         # delimited text
         delim = spec.delimiter or ","
+        split_source = "NULL::VARCHAR[]"
         if delim == " ":
             split = "regexp_split_to_array(trim(raw), '\\s+')"
         elif spec.quoted:
@@ -357,11 +358,21 @@ class DuckDBIngest:
                 "lambda x: CASE WHEN length(x) >= 2 AND starts_with(x, '\"') "
                 "AND ends_with(x, '\"') THEN replace(x[2:-2], '\"\"', '\"') ELSE x END"
             )
-            split = (
-                f"CASE WHEN contains(raw, '\"') THEN list_transform(regexp_extract_all("
-                f"{_lit(delim)} || raw, {pattern}, 1), {unquote}) "
-                f"ELSE string_split(raw, {_lit(delim)}) END"
+            # Fast path: when every field is either quote-free or one quoted run with no quote
+            # inside, no delimiter can hide in a quoted field, so a plain split is exact; only the
+            # other lines pay for the regular expression.
+            simple = (
+                "list_bool_and(list_transform(s, lambda x: NOT contains(x, '\"') OR "
+                "(length(x) >= 2 AND starts_with(x, '\"') AND ends_with(x, '\"') "
+                "AND NOT contains(x[2:-2], '\"'))))"
             )
+            split = (
+                f"CASE WHEN NOT contains(raw, '\"') THEN s "
+                f"WHEN {simple} THEN list_transform(s, {unquote}) "
+                f"ELSE list_transform(regexp_extract_all("
+                f"{_lit(delim)} || raw, {pattern}, 1), {unquote}) END"
+            )
+            split_source = f"string_split(raw, {_lit(delim)})"
         else:
             split = f"string_split(raw, {_lit(delim)})"
 
@@ -370,7 +381,8 @@ class DuckDBIngest:
             return "NULL::VARCHAR" if pos is None else f"f[{pos + 1}]"
 
         base = f"""
-            WITH l AS (SELECT raw, {split} AS f FROM {lines})
+            WITH l0 AS (SELECT raw, {split_source} AS s FROM {lines}),
+            l AS (SELECT raw, {split} AS f FROM l0)
             SELECT raw, len(f) AS n_fields, TRUE AS json_ok, {pick("user")} AS user_text,
                 {pick("item")} AS item_text, {pick("time")} AS time_text,
                 {pick("value")} AS value_text
