@@ -105,13 +105,13 @@ def generate_viewing_log(
     item_genres[np.arange(items), primary] = True
     for _ in range(2):
         extra = rng.integers(0, n_genres, items)
-        item_genres[np.arange(items), extra] |= rng.random(items) < 0.35
-    popularity = rng.permutation(1.0 / np.arange(1, items + 1) ** 0.8)
+        item_genres[np.arange(items), extra] |= rng.random(items) < 0.2
+    popularity = rng.permutation(1.0 / np.arange(1, items + 1) ** 0.6)
     release = rng.integers(_EPOCH_START - 20 * 365 * 86400, _EPOCH_END - 90 * 86400, items)
     release[rng.random(items) < 0.3] = rng.integers(_EPOCH_START, _EPOCH_END - 30 * 86400, 1)[0]
 
     # Users: sparse tastes (2-3 genres dominate), log-normal activity.
-    tastes = rng.dirichlet(np.full(n_genres, 0.15), size=users)
+    tastes = rng.dirichlet(np.full(n_genres, 0.08), size=users)
     activity = rng.lognormal(0.0, 0.8, users)
     activity /= activity.sum()
     n_clean = events - round(events * dirty_fraction)
