@@ -290,14 +290,17 @@ class TrainConfig:
     model: str = "mf-bpr"
     split: str = "leave-last"
     epochs: int = 20
-    batch_size: int = 8192
+    batch_size: int = 2048
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # positives: each training row once per epoch ("interactions"), or a uniform user and then
     # one of its items ("users", LightGCN's sampler: every user weighs the same)
-    sampling: typing.Literal["interactions", "users"] = "users"
+    sampling: typing.Literal["interactions", "users"] = "interactions"
     # negative sampling: redraw negatives that are among the user's training items
     reject_positives: bool = True
+    # learning rate over the run: the model's lr throughout ("constant") or decayed to 0 at the
+    # last step of `epochs` along half a cosine ("cosine")
+    lr_schedule: typing.Literal["constant", "cosine"] = "cosine"
     # validation and early stopping on NDCG@validate_k of the split's valid part
     validate_every: int = 1
     validate_k: int = 20

@@ -1,0 +1,152 @@
+"""Helpers shared by tests and by users who want a small dataset with a known right answer.
+
+:func:`block_log` builds a log whose best recommendation is obvious (the one item of a user's
+block it has not seen) and :func:`write_tiny_dataset` writes parts like it as a real dataset
+directory, split included, through the dataset module's own writers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recscale.dataset import (
+    INTERACTIONS_SCHEMA,
+    USERS_SCHEMA,
+    Interactions,
+    Manifest,
+    write_parquet_parts,
+)
+
+__all__ = ["block_log", "interactions", "write_tiny_dataset"]
+
+
+def interactions(
+    users: np.ndarray | list[int],
+    items: np.ndarray | list[int],
+    n_users: int,
+    n_items: int,
+    values: np.ndarray | list[float] | None = None,
+) -> Interactions:
+    """:class:`Interactions` from parallel user/item lists (no timestamps, value 1 by default)."""
+    users = np.asarray(users, dtype=np.int32)
+    items = np.asarray(items, dtype=np.int32)
+    value = np.ones(len(users), np.float32) if values is None else np.asarray(values, np.float32)
+    return Interactions(users, items, np.full(len(users), -1, np.int64), value, n_users, n_items)
+
+
+def block_log(
+    n_groups: int = 4,
+    users_per_group: int = 8,
+    items_per_group: int = 6,
+    *,
+    valid: bool = False,
+) -> dict[str, Interactions]:
+    """A block-diagonal log with one held-out item per user (per part).
+
+    User ``u`` belongs to group ``g = u // users_per_group`` and has interacted with every item
+    of block ``g`` (items ``g * items_per_group ...``) except the held-out ones: its test item is
+    ``g * items_per_group + u % items_per_group`` and, with ``valid``, its valid item is the next
+    one in the block. Once its train items are excluded, the only item of its own block left is
+    the held-out one, so any collaborative model should rank it first. Every held-out item stays
+    in the train of the group's other users, so it can be learnt.
+    """
+    n_users = n_groups * users_per_group
+    n_items = n_groups * items_per_group
+    users = np.arange(n_users)
+    group = users // users_per_group
+    test_item = group * items_per_group + users % items_per_group
+    valid_item = group * items_per_group + (users + 1) % items_per_group
+    # every (user, item of its block) pair, then the held-out ones removed
+    pair_users = np.repeat(users, items_per_group)
+    pair_items = (group * items_per_group)[:, None] + np.arange(items_per_group)
+    pair_items = pair_items.reshape(-1)
+    held = pair_items == np.repeat(test_item, items_per_group)
+    if valid:
+        held |= pair_items == np.repeat(valid_item, items_per_group)
+    parts = {
+        "train": interactions(pair_users[~held], pair_items[~held], n_users, n_items),
+        "test": interactions(users, test_item, n_users, n_items),
+    }
+    if valid:
+        parts["valid"] = interactions(users, valid_item, n_users, n_items)
+    return parts
+
+
+def write_tiny_dataset(
+    path: str | Path,
+    parts: Mapping[str, Interactions],
+    *,
+    split: str = "given",
+    titles: bool = True,
+) -> Path:
+    """Write ``parts`` (``train``, ``test`` and optionally ``valid``) as a dataset directory.
+
+    All parts must share ``n_users``/``n_items``. Original ids are ``u<idx>`` and ``i<idx>``;
+    with ``titles`` items get a ``title`` column ``"Item <idx>"``. The split is written as
+    ``splits/<split>/`` with a ``split.json``. Returns the dataset path.
+    """
+    path = Path(path)
+    first = next(iter(parts.values()))
+    n_users, n_items = first.n_users, first.n_items
+    if any(p.n_users != n_users or p.n_items != n_items for p in parts.values()):
+        raise ValueError("all parts must have the same n_users and n_items")
+
+    def table(x: Interactions) -> pa.Table:
+        return pa.table(
+            {
+                "user_idx": pa.array(x.user_idx, pa.int32()),
+                "item_idx": pa.array(x.item_idx, pa.int32()),
+                "ts": pa.array(np.where(x.ts < 0, None, x.ts), pa.int64()),
+                "value": pa.array(x.value, pa.float32()),
+            },
+            schema=INTERACTIONS_SCHEMA,
+        )
+
+    path.mkdir(parents=True, exist_ok=True)
+    total = write_parquet_parts(
+        pa.concat_tables([table(p) for p in parts.values()]),
+        path / "interactions",
+        INTERACTIONS_SCHEMA,
+    )
+    users = pa.table(
+        {
+            "user_idx": pa.array(np.arange(n_users), pa.int32()),
+            "user_id": pa.array([f"u{i}" for i in range(n_users)], pa.string()),
+        },
+        schema=USERS_SCHEMA,
+    )
+    items_columns = {
+        "item_idx": pa.array(np.arange(n_items), pa.int32()),
+        "item_id": pa.array([f"i{i}" for i in range(n_items)], pa.string()),
+    }
+    if titles:
+        items_columns["title"] = pa.array([f"Item {i}" for i in range(n_items)], pa.string())
+    pq.write_table(users, path / "users.parquet")
+    pq.write_table(pa.table(items_columns), path / "items.parquet")
+    Manifest(
+        n_users=n_users,
+        n_items=n_items,
+        n_interactions=total,
+        n_rejected=0,
+        n_input_rows=total,
+        columns={"user": "user", "item": "item", "time": None, "value": None},
+        value_kind="implicit",
+        created_by="recscale.testing.write_tiny_dataset",
+        created_at=Manifest.now(),
+    ).write(path)
+    split_dir = path / "splits" / split
+    for name, part in parts.items():
+        write_parquet_parts(table(part), split_dir / name, INTERACTIONS_SCHEMA)
+    meta = {
+        "name": split,
+        "strategy": "given",
+        "counts": {name: len(part) for name, part in parts.items()},
+    }
+    (split_dir / "split.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return path

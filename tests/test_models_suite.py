@@ -1,0 +1,205 @@
+"""The behaviour every registered model must show, written once (one factory line per model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from recscale.config import TrainConfig
+from recscale.errors import ConfigError, ModelError
+from recscale.evaluate import evaluate_model
+from recscale.models import MODELS, Recommender, TorchRecommender, create_model
+from recscale.testing import block_log
+from recscale.train import fit
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    params: dict[str, Any]
+    personalised: bool = True
+    epochs: int = 1
+    batch_size: int = 32
+
+
+# One line per model: hyper-parameters that learn the 32-user block log in well under a second.
+CASES = {
+    "popularity": Case("popularity", {}, personalised=False),
+    "ials": Case("ials", {"factors": 4, "regularization": 0.1, "alpha": 10.0, "iterations": 15}),
+    "mf-bpr": Case("mf-bpr", {"dim": 16, "lr": 0.05, "n_negatives": 4}, epochs=60),
+    # the options: an item bias (exported as one more dimension) and hardest-of-n negatives
+    "mf-bpr-bias-hard": Case(
+        "mf-bpr",
+        {"dim": 16, "lr": 0.05, "n_negatives": 4, "item_bias": True, "hard_negatives": True},
+        epochs=60,
+    ),
+}
+
+PARTS = block_log()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads() -> Iterator[None]:
+    """Training with num_threads=1 sets torch's global thread count; other modules get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_registered_model_has_a_case() -> None:
+    assert {case.name for case in CASES.values()} == set(MODELS)
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request: pytest.FixtureRequest) -> Case:
+    return CASES[request.param]
+
+
+@pytest.fixture(scope="module")
+def train_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Recommender]:
+    """Train a case through the real loop; trained models are shared by the tests (read-only)."""
+    cache: dict[tuple[str, int], Recommender] = {}
+
+    def make(case: Case, *, seed: int = 0, fresh: bool = False) -> Recommender:
+        key = (repr(case), seed)
+        if not fresh and key in cache:
+            return cache[key]
+        train = PARTS["train"]
+        model = create_model(case.name, case.params, train.n_users, train.n_items, seed=seed)
+        config = TrainConfig(
+            model=case.name,
+            epochs=case.epochs,
+            batch_size=case.batch_size,
+            seed=seed,
+            device="cpu",
+            progress=False,
+            num_threads=1,  # tiny tensors: thread start-up would cost more than the work
+        )
+        fit(model, train, None, config, tmp_path_factory.mktemp(case.name))
+        if not fresh:
+            cache[key] = model
+        return model
+
+    return make
+
+
+def _masked_scores(model: Recommender) -> torch.Tensor:
+    train = PARTS["train"]
+    scores = model.score(np.arange(train.n_users)).clone()
+    scores[
+        torch.from_numpy(train.user_idx).long(), torch.from_numpy(train.item_idx).long()
+    ] = -torch.inf
+    return scores
+
+
+def test_recommends_the_held_out_item(case: Case, train_model: Callable[..., Recommender]) -> None:
+    model = train_model(case)
+    train, test = PARTS["train"], PARTS["test"]
+    scores = _masked_scores(model)
+    top1 = scores.argmax(dim=1).numpy()
+    if case.personalised:
+        # each user's held-out item is the only unseen item of its block: ranked first
+        np.testing.assert_array_equal(top1[test.user_idx], test.item_idx)
+        metrics = evaluate_model(model, test, exclude=train, ks=(1,))
+        assert metrics["recall@1"] == 1.0
+        assert metrics["ndcg@1"] == 1.0
+    else:
+        counts = np.bincount(train.item_idx, minlength=train.n_items).astype(np.float32)
+        np.testing.assert_array_equal(model.score(np.array([0, 5]))[1].numpy(), counts)
+
+
+def test_scores_shape_and_dtype(case: Case, train_model: Callable[..., Recommender]) -> None:
+    model = train_model(case)
+    users = np.array([3, 0, 3, 31])
+    scores = model.score(users)
+    assert scores.shape == (4, PARTS["train"].n_items)
+    assert scores.dtype == torch.float32
+    full = model.score(np.arange(PARTS["train"].n_users))
+    assert torch.equal(scores, full[torch.from_numpy(users)])
+    assert model.score(np.array([], dtype=np.int64)).shape == (0, PARTS["train"].n_items)
+
+
+def test_training_items_can_be_excluded(
+    case: Case, train_model: Callable[..., Recommender]
+) -> None:
+    model = train_model(case)
+    train = PARTS["train"]
+    top = torch.topk(_masked_scores(model), 2, dim=1).indices.numpy()
+    seen = set(zip(train.user_idx.tolist(), train.item_idx.tolist(), strict=True))
+    recommended = {(u, int(i)) for u in range(train.n_users) for i in top[u]}
+    assert not recommended & seen
+
+
+def test_state_dict_round_trip(case: Case, train_model: Callable[..., Recommender]) -> None:
+    model = train_model(case)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = create_model(case.name, case.params, model.n_users, model.n_items, seed=99)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    users = np.arange(model.n_users)
+    assert torch.equal(fresh.score(users), model.score(users))
+
+
+def test_same_seed_same_scores(case: Case, train_model: Callable[..., Recommender]) -> None:
+    users = np.arange(PARTS["train"].n_users)
+    a = train_model(case, seed=3, fresh=True).score(users)
+    b = train_model(case, seed=3, fresh=True).score(users)
+    assert torch.equal(a, b)
+    if case.personalised:  # a different seed starts elsewhere
+        assert not torch.equal(a, train_model(case, seed=4, fresh=True).score(users))
+
+
+def test_embeddings_reproduce_the_scores(
+    case: Case, train_model: Callable[..., Recommender]
+) -> None:
+    model = train_model(case)
+    vectors = model.export_embeddings()
+    assert vectors is not None
+    users, items = vectors
+    assert users.dtype == items.dtype == np.float32
+    assert users.shape[0] == model.n_users and items.shape[0] == model.n_items
+    np.testing.assert_allclose(
+        users @ items.T, model.score(np.arange(model.n_users)).numpy(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_unknown_hyper_parameter_is_a_config_error(case: Case) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'no_such_param'; allowed keys are"):
+        create_model(case.name, {**case.params, "no_such_param": 1}, 4, 4)
+
+
+def test_wrong_typed_hyper_parameter_is_a_config_error(case: Case) -> None:
+    params = MODELS[case.name].Params
+    fields = dataclasses.fields(params)
+    if not fields:
+        pytest.skip(f"{case.name} has no hyper-parameters")
+    with pytest.raises(ConfigError, match=rf"{fields[0].name}: got 'many'"):
+        create_model(case.name, {fields[0].name: "many"}, 4, 4)
+
+
+def test_out_of_range_user_is_a_model_error(case: Case) -> None:
+    model = create_model(case.name, case.params, 4, 6)
+    with pytest.raises(ModelError, match=r"user index 4 is out of range: expected 0\.\.3"):
+        model.score(np.array([0, 4]))
+
+
+def test_fit_on_other_sizes_is_a_model_error(case: Case) -> None:
+    model = create_model(case.name, case.params, 5, 6)
+    if isinstance(model, TorchRecommender):
+        with pytest.raises(ModelError, match="trained epoch by epoch"):
+            model.fit(PARTS["train"])
+    else:
+        with pytest.raises(ModelError, match=r"built for 5 users × 6 items"):
+            model.fit(PARTS["train"])
+
+
+def test_unknown_model_lists_the_known_ones() -> None:
+    with pytest.raises(ModelError, match=r"unknown model 'nope'; known models are: ials, mf-bpr"):
+        create_model("nope", {}, 4, 4)
