@@ -133,26 +133,22 @@ def _print_samples(run: Any, split: Any, *, n_users: int, seed: int) -> None:
     for user_idx in rng.choice(candidates, size=min(n_users, len(candidates)), replace=False):
         user_id = str(dataset.users.column("user_id")[int(user_idx)])
         seen = train.item_idx[train.user_idx == user_idx][-5:]
-        genres = _column(dataset, "genres", seen)
+        genres = _genres(dataset, seen)
         _say(f"\nuser {user_id} recently watched:")
         for title, genre in zip(dataset.item_titles(seen), genres, strict=True):
             _say(f"      {title}  [{genre}]")
         _say("   recommended:")
         recs = run.recommend(user_id, 5)
-        rec_genres = _column(
-            dataset, "genres", np.array([dataset_index(dataset, r["item_id"]) for r in recs])
-        )
+        rec_genres = _genres(dataset, np.array([r["item_idx"] for r in recs]))
         for rec, genre in zip(recs, rec_genres, strict=True):
             _say(f"   {rec['rank']:>2}. {rec['title']}  [{genre}]")
 
 
-def dataset_index(dataset: Any, item_id: str) -> int:
-    ids = dataset.items.column("item_id").to_pylist()
-    return ids.index(item_id)
-
-
-def _column(dataset: Any, name: str, idx: np.ndarray) -> list[str]:
-    if name not in dataset.items.column_names:
+def _genres(dataset: Any, idx: np.ndarray) -> list[str]:
+    if "genres" not in dataset.items.column_names:
         return [""] * len(idx)
-    values = dataset.items.column(name).to_numpy(zero_copy_only=False)
-    return [str(v) for v in values[np.asarray(idx, dtype=np.int64)]]
+    values = dataset.items.column("genres").to_pylist()
+    return [
+        ", ".join(values[i]) if isinstance(values[i], list) else str(values[i] or "")
+        for i in np.asarray(idx, dtype=np.int64)
+    ]
