@@ -175,7 +175,7 @@ def test_unknown_hyper_parameter_is_a_config_error(case: Case) -> None:
         create_model(case.name, {**case.params, "no_such_param": 1}, 4, 4)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in CASES if dataclasses.fields(MODELS[n].Params)))
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if dataclasses.fields(MODELS[n].Params)))
 def test_wrong_typed_hyper_parameter_is_a_config_error(name: str) -> None:
     fields = dataclasses.fields(MODELS[name].Params)
     with pytest.raises(ConfigError, match=rf"{fields[0].name}: got 'many'"):
