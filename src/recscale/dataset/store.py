@@ -50,6 +50,35 @@ class Interactions:
             n_items=n_items,
         )
 
+    @classmethod
+    def concat(cls, *parts: Interactions) -> Interactions:
+        """The rows of ``parts`` one after another (all over the same users and items)."""
+        if not parts:
+            raise DatasetError("Interactions.concat needs at least one part")
+        sizes = {(p.n_users, p.n_items) for p in parts}
+        if len(sizes) != 1:
+            raise DatasetError(f"cannot concatenate interactions over different sizes: {sizes}")
+        return cls(
+            user_idx=np.concatenate([p.user_idx for p in parts]),
+            item_idx=np.concatenate([p.item_idx for p in parts]),
+            ts=np.concatenate([p.ts for p in parts]),
+            value=np.concatenate([p.value for p in parts]),
+            n_users=parts[0].n_users,
+            n_items=parts[0].n_items,
+        )
+
+    def sequences(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's items in time order, as CSR arrays ``(indptr, items)``.
+
+        ``items[indptr[u]:indptr[u + 1]]`` is user ``u``'s history, oldest first; ties in time
+        (and rows without one, ``ts == -1``, which come first) keep their order in the arrays.
+        """
+        order = np.lexsort((self.ts, self.user_idx))  # stable: by user, then time
+        counts = np.bincount(self.user_idx, minlength=self.n_users)
+        indptr = np.zeros(self.n_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return indptr, self.item_idx[order].astype(np.int64)
+
     def to_csr(self, values: str = "ones") -> sp.csr_matrix:
         """The users × items matrix; ``values`` is ``"ones"`` (binary) or ``"value"``."""
         data = np.ones(len(self), np.float32) if values == "ones" else self.value

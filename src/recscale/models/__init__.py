@@ -2,13 +2,21 @@
 
 from recscale.models.base import Recommender, TorchRecommender
 from recscale.models.ials import IALS, IALSParams
-from recscale.models.losses import bpr_loss, l2_batch
+from recscale.models.losses import (
+    LOSSES,
+    bpr_loss,
+    cosine_contrastive_loss,
+    in_batch_softmax_loss,
+    l2_batch,
+    sampled_softmax_loss,
+)
 from recscale.models.mf_bpr import MFBPR, MFBPRParams
 from recscale.models.popularity import Popularity, PopularityParams
 from recscale.models.registry import MODELS, create_model, get_model_class, model_params
 
 __all__ = [
     "IALS",
+    "LOSSES",
     "MFBPR",
     "MODELS",
     "IALSParams",
@@ -18,8 +26,11 @@ __all__ = [
     "Recommender",
     "TorchRecommender",
     "bpr_loss",
+    "cosine_contrastive_loss",
     "create_model",
     "get_model_class",
+    "in_batch_softmax_loss",
     "l2_batch",
     "model_params",
+    "sampled_softmax_loss",
 ]

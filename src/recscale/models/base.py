@@ -15,10 +15,12 @@ import abc
 from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from recscale.dataset import Interactions
 from recscale.errors import ModelError
+from recscale.loader import InMemoryLoader
 
 __all__ = ["Recommender", "TorchRecommender"]
 
@@ -48,6 +50,25 @@ class Recommender(abc.ABC):
         self.n_users = int(n_users)
         self.n_items = int(n_items)
         self.seed = int(seed)
+
+    def prepare(self, train: Interactions, items: pa.Table | None = None) -> None:
+        """Take in what the model conditions on besides its batches, before training starts.
+
+        ``train`` is the training part (LightGCN builds its graph from it, sequence models their
+        histories); ``items`` is the dataset's ``items.parquet`` (titles, genres) for models with
+        item features. Anything kept must live in :meth:`state_dict`, so a model loaded from a
+        checkpoint scores without being prepared again. The default observes ``train``.
+        """
+        self.observe(train)
+
+    def observe(self, history: Interactions) -> None:
+        """Set the interactions visible when scoring: each user's history, in time order.
+
+        Models that encode a user from their history (SASRec, the two-tower user tower) read it in
+        :meth:`score`; evaluating the test part observes train and valid, as a deployed model
+        would see them. Models whose users are free parameters ignore it (the default).
+        """
+        return None
 
     @abc.abstractmethod
     def fit(self, train: Interactions, *, progress: bool = True) -> None:
@@ -128,6 +149,24 @@ class TorchRecommender(torch.nn.Module, Recommender):
     @abc.abstractmethod
     def make_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer over this model's parameters, built from its hyper-parameters."""
+
+    def make_loader(self, train: Interactions, config: Any) -> Any:
+        """The batches this model trains on (``config`` is the run's ``TrainConfig``).
+
+        The default is (user, positive, negatives) rows from
+        :class:`~recscale.loader.InMemoryLoader`; sequence models return their own loader with
+        the same protocol: ``__iter__`` over the rest of the epoch, ``__len__`` (batches per
+        epoch), ``rows_per_epoch``, ``batch`` (position in the epoch), ``state_dict`` and
+        ``load_state_dict``.
+        """
+        return InMemoryLoader(
+            train,
+            batch_size=config.batch_size,
+            n_negatives=self.n_negatives,
+            seed=config.seed,
+            reject_positives=config.reject_positives,
+            sampling=config.sampling,
+        )
 
     @property
     def device(self) -> torch.device:

@@ -1,11 +1,30 @@
-"""Loss functions of the PyTorch models: pure functions of score and embedding tensors."""
+"""Loss functions of the PyTorch models: pure functions of score and embedding tensors.
+
+Three families, shared by every embedding model (MF, LightGCN, two-tower, SASRec):
+
+- :func:`bpr_loss`: pairwise, one positive against each sampled negative;
+- :func:`sampled_softmax_loss` and :func:`in_batch_softmax_loss`: the positive against many
+  negatives at once, with the log-Q correction that removes the popularity bias of the sampler;
+- :func:`cosine_contrastive_loss`: SimpleX's cosine contrastive loss (Mao et al., CIKM 2021),
+  which with many negatives and a margin makes plain MF competitive with graph models.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bpr_loss", "l2_batch"]
+__all__ = [
+    "LOSSES",
+    "bpr_loss",
+    "cosine_contrastive_loss",
+    "in_batch_softmax_loss",
+    "l2_batch",
+    "sampled_softmax_loss",
+]
+
+# the names a model's `loss` hyper-parameter accepts for (user, positive, sampled negatives) rows
+LOSSES = ("bpr", "softmax", "ccl")
 
 
 def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
@@ -19,6 +38,85 @@ def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor
     if neg_scores.dim() == 1:
         neg_scores = neg_scores.unsqueeze(1)
     return F.softplus(neg_scores - pos_scores.unsqueeze(1)).mean()
+
+
+def sampled_softmax_loss(
+    pos_scores: torch.Tensor,
+    neg_scores: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    log_q_pos: torch.Tensor | None = None,
+    log_q_neg: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the positive among itself and ``n`` sampled negatives, batch mean.
+
+    ``pos_scores (B,)``, ``neg_scores (B, n)``; logits are ``score / temperature - log Q`` where
+    ``log Q`` is the log-probability with which the sampler proposes the item (Bengio & Senécal
+    2008; Yi et al., RecSys 2019). Without the correction, a popularity sampler makes popular
+    items look like negatives too often and the model learns to under-score them; with uniform
+    negatives ``log Q`` is a constant and can be left out.
+    """
+    if neg_scores.dim() == 1:
+        neg_scores = neg_scores.unsqueeze(1)
+    logits = torch.cat([pos_scores.unsqueeze(1), neg_scores], dim=1) / temperature
+    if log_q_pos is not None or log_q_neg is not None:
+        log_q = torch.cat(
+            [
+                _broadcast(log_q_pos, pos_scores).unsqueeze(1),
+                _broadcast(log_q_neg, neg_scores),
+            ],
+            dim=1,
+        )
+        logits = logits - log_q
+    # the positive is column 0: -log softmax(logits)[:, 0]
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def in_batch_softmax_loss(
+    query: torch.Tensor,
+    items: torch.Tensor,
+    item_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax over the batch's own positives: row ``i``'s positive is ``items[i]``.
+
+    ``query (B, d)`` and ``items (B, d)`` are the two towers' outputs, ``item_ids (B,)`` the items
+    (an item that is the positive of several rows is not a negative for any of them), ``log_q
+    (B,)`` the log-probability of each item appearing in a batch, i.e. its share of training
+    rows. In-batch negatives are drawn by popularity, so without the correction popular items
+    are pushed down.
+    """
+    logits = query @ items.T / temperature  # (B, B)
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
+    same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(len(query), device=query.device)
+    return F.cross_entropy(logits, target)
+
+
+def cosine_contrastive_loss(
+    pos_cos: torch.Tensor,
+    neg_cos: torch.Tensor,
+    *,
+    margin: float = 0.8,
+    negative_weight: float | None = None,
+) -> torch.Tensor:
+    """SimpleX's CCL on cosine similarities: ``(1 - cos⁺) + w · mean(relu(cos⁻ - margin))``.
+
+    ``pos_cos (B,)``, ``neg_cos (B, n)``, both in ``[-1, 1]``. Only negatives more similar than
+    ``margin`` are pushed, so the many easy ones cost nothing; ``negative_weight`` (default
+    ``n``, i.e. the sum over the negatives) balances them against the positive.
+    """
+    if neg_cos.dim() == 1:
+        neg_cos = neg_cos.unsqueeze(1)
+    weight = float(neg_cos.shape[1]) if negative_weight is None else negative_weight
+    positive = 1.0 - pos_cos
+    negative = F.relu(neg_cos - margin).mean(dim=1)
+    return (positive + weight * negative).mean()
 
 
 def l2_batch(*tensors: torch.Tensor) -> torch.Tensor:
@@ -37,3 +135,9 @@ def l2_batch(*tensors: torch.Tensor) -> torch.Tensor:
             squares = squares.mean(dim=1)
         total = total + squares.sum()
     return 0.5 * total / batch
+
+
+def _broadcast(log_q: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if log_q is None:
+        return like.new_zeros(like.shape)
+    return log_q.expand(like.shape)

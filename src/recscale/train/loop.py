@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
@@ -28,7 +29,6 @@ from recscale.config import TrainConfig, config_to_dict
 from recscale.dataset import Interactions
 from recscale.errors import ConfigError, RunError
 from recscale.evaluate import evaluate_model
-from recscale.loader import InMemoryLoader
 from recscale.models import Recommender, TorchRecommender
 from recscale.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from recscale.train.schedule import lr_factor
@@ -84,13 +84,14 @@ def fit(
     *,
     resume: bool = False,
     run_config: dict[str, Any] | None = None,
+    items: pa.Table | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train`` into ``run_dir``; validate on ``valid`` when there is one.
 
     Writes ``run_dir/checkpoints/{last,best}.pt``, ``metrics.jsonl`` and ``tensorboard/``.
     ``resume=True`` continues from ``checkpoints/last.pt`` when it exists (else starts afresh).
     ``run_config`` is the full resolved config stored in every checkpoint (default: ``[train]``
-    and ``[model]``). On return the model holds the best validated weights, or the last ones
+    and ``[model]``); ``items`` is the dataset's item table, for models with item features. On return the model holds the best validated weights, or the last ones
     when there was no validation.
     """
     started = time.perf_counter()
@@ -173,6 +174,7 @@ def fit(
             if checkpoint is not None and checkpoint["counters"]["finished"]:
                 model.load_state_dict(checkpoint["model"])
                 return _result(counters, metric, started)
+            model.prepare(train, items)
             t0 = time.perf_counter()
             model.fit(train, progress=config.progress)
             seconds = time.perf_counter() - t0
@@ -187,19 +189,14 @@ def fit(
             return _result(counters, metric, started)
 
         # ---- PyTorch models: epochs of batches ----
+        # prepared before moving, so what it builds (graphs, histories) moves with the model
+        model.prepare(train, items)
         model.to(device)
         optimizer = model.make_optimizer()
         # the schedule scales the lr the model asked for; taken before a checkpoint's state
         # overwrites param_groups with the lr of its last step
         base_lrs = [group["lr"] for group in optimizer.param_groups]
-        loader = InMemoryLoader(
-            train,
-            batch_size=config.batch_size,
-            n_negatives=model.n_negatives,
-            seed=config.seed,
-            reject_positives=config.reject_positives,
-            sampling=config.sampling,
-        )
+        loader = model.make_loader(train, config)
         total_steps = config.epochs * len(loader)
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])

@@ -38,7 +38,7 @@ from recscale.config import (
     load_toml,
     write_toml,
 )
-from recscale.dataset import Dataset, Split, atomic_directory, open_dataset
+from recscale.dataset import Dataset, Interactions, Split, atomic_directory, open_dataset
 from recscale.errors import ConfigError, DatasetError, ModelError, RunError
 from recscale.evaluate import evaluate_model, top_k
 from recscale.models import Recommender, create_model
@@ -116,7 +116,16 @@ def train(
     train_part = split.interactions("train")
     valid_part = split.interactions("valid") if split.has("valid") else None
     model = create_model(config.model, params, ds.n_users, ds.n_items, seed=config.seed)
-    result = fit(model, train_part, valid_part, config, run_dir, resume=resume, run_config=resolved)
+    result = fit(
+        model,
+        train_part,
+        valid_part,
+        config,
+        run_dir,
+        resume=resume,
+        run_config=resolved,
+        items=ds.items,
+    )
     write_embeddings(run_dir / "embeddings", model)
     return Run(run_dir, ds, split, model, config, fit_result=result)
 
@@ -164,6 +173,7 @@ class Run:
         self.model = model
         self.config = config
         self.fit_result = fit_result  # None for a run opened from disk
+        self._observed_all = False  # whether the model has observed train and valid
 
     @classmethod
     def open(cls, run_dir: str | Path) -> Run:
@@ -228,6 +238,9 @@ class Run:
         exclude = [self.split.interactions("train")]
         if config.part == "test" and self.split.has("valid"):
             exclude.append(self.split.interactions("valid"))
+        # what the user had done before the evaluated part: history-based models encode it
+        self.model.observe(Interactions.concat(*exclude))
+        self._observed_all = config.part == "test" or not self.split.has("valid")
         metrics = evaluate_model(
             self.model,
             target,
@@ -246,6 +259,15 @@ class Run:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, self.path / "eval.json")
         return metrics
+
+    def _observe_everything(self) -> None:
+        """Show the model every part it was allowed to see (train, valid) once."""
+        if not self._observed_all:
+            parts = [self.split.interactions("train")]
+            if self.split.has("valid"):
+                parts.append(self.split.interactions("valid"))
+            self.model.observe(Interactions.concat(*parts))
+            self._observed_all = True
 
     @cached_property
     def _seen(self) -> Any:
@@ -266,6 +288,7 @@ class Run:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"recommend: k must be an integer >= 1, got {k!r}")
         user = self.dataset.user_index(user_id)
+        self._observe_everything()
         scores = self.model.score(np.array([user], dtype=np.int64)).float().cpu()
         if exclude_seen:
             seen = self._seen
