@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 from recscale.cli import main
 
 EVENTS = """user_id,title_id,watched_at,watch_fraction
@@ -122,6 +127,10 @@ def test_pipeline_through_the_cli(events: Path, tmp_path: Path, capsys) -> None:
             r"^ConfigError: .*--strategy: invalid choice: 'sideways'",
         ),
         (["frobnicate"], r"^ConfigError: .*invalid choice: 'frobnicate'"),
+        (
+            ["train", "{tmp}/ds", "--param", "=3"],
+            r"^ConfigError: .*--param: expected KEY=VALUE, got '=3'",
+        ),
     ],
 )
 def test_errors_are_one_line(args: list[str], expected: str, tmp_path: Path, capsys) -> None:
@@ -175,3 +184,34 @@ def test_installed_entry_point_and_help() -> None:
     )
     for command in ("ingest", "split", "train", "evaluate", "recommend", "demo"):
         assert command in result.stdout
+
+
+def test_model_hyper_parameters_from_flags(events: Path, tmp_path: Path, capsys) -> None:
+    ds = tmp_path / "ds"
+    assert run_cli(*ingest_args(events, ds), capsys=capsys)[0] == 0
+    assert (
+        run_cli("split", str(ds), "--strategy", "leave-last", "--no-valid", capsys=capsys)[0] == 0
+    )
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        "train", str(ds), "--model", "mf-bpr", "--run", str(run), "--epochs", "1", "--quiet",
+        "--param", "dim=8", "--param", "lr=2e-2", "--param", "hard_negatives=false",
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    model = tomllib.loads((run / "config.toml").read_text())["model"]
+    assert (model["dim"], model["lr"], model["hard_negatives"]) == (8, 0.02, False)
+
+    code, _, err = run_cli(
+        "train", str(ds), "--model", "mf-bpr", "--run", str(tmp_path / "r2"),
+        "--param", "dim=many", capsys=capsys,
+    )  # fmt: skip
+    assert code == 1
+    assert re.search(r"^ConfigError: .*dim: got 'many'", err.strip()), err
+
+
+def test_train_help_names_every_registered_model() -> None:
+    from recscale.cli import MODEL_NAMES
+    from recscale.models import MODELS
+
+    assert set(MODEL_NAMES) == set(MODELS)

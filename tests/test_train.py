@@ -110,6 +110,7 @@ def test_train_writes_the_whole_run_directory(dataset: Path, tmp_path: Path) -> 
             "train_samples_per_s",
             "train_seconds",
             "valid_ndcg@5",
+            "valid_recall@5",
         }
         assert row["train_lr"] == 0.05 and 0 <= row["valid_ndcg@5"] <= 1
     best = max(rows, key=lambda r: r["valid_ndcg@5"])
@@ -404,7 +405,9 @@ def test_validation_on_a_sample_of_users(dataset: Path, tmp_path: Path) -> None:
     sample = np.sort(np.random.default_rng(0).choice(np.unique(valid.user_idx), 5, replace=False))
     expected = evaluate_model(run.model, valid, train_part, ks=(5,), users=sample)
     assert expected["users"] == 5
-    assert _metrics(tmp_path / "run")[0]["valid_ndcg@5"] == expected["ndcg@5"]
+    row = _metrics(tmp_path / "run")[0]
+    assert row["valid_ndcg@5"] == expected["ndcg@5"]
+    assert row["valid_recall@5"] == expected["recall@5"]
 
 
 def test_patience_zero_trains_every_epoch(tmp_path: Path) -> None:

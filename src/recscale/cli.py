@@ -21,8 +21,23 @@ from recscale.config import (
     TrainConfig,
     config_from_dict,
     load_toml,
+    parse_toml_value,
 )
 from recscale.errors import ConfigError, RecscaleError
+
+# the registry's names, spelled out so that `--help` does not import PyTorch (a test keeps the two
+# in step)
+MODEL_NAMES = (
+    "popularity",
+    "ials",
+    "mf-bpr",
+    "lightgcn",
+    "bspm",
+    "two-tower",
+    "sasrec",
+    "ease",
+    "itemknn",
+)
 
 __all__ = ["main"]
 
@@ -68,6 +83,15 @@ def _merge(
     return config_from_dict(cls, values, where=where)
 
 
+def _model_param(text: str) -> tuple[str, Any]:
+    """``key=value`` with a TOML value; a bare word that is not TOML is taken as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, parse_toml_value(raw)
+
+
 def _file_tables(path: str | None, allowed: set[str]) -> dict[str, Any]:
     if path is None:
         return {}
@@ -104,6 +128,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     }
     if args.no_header:
         flags["header"] = False
+    if args.order_from_input:
+        flags["order_from_input"] = True
     config = _merge(IngestConfig, tables, "ingest", flags, args.config or "flags")
     result = ingest(args.sources, args.out, config, append=args.append, progress=not args.quiet)
     print(format_quality(result.quality))
@@ -152,7 +178,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         flags["progress"] = False
     config = _merge(TrainConfig, tables, "train", flags, args.config or "flags")
-    run = train(args.dataset, config, tables.get("model"), run_dir=args.run, resume=args.resume)
+    model_table = {**tables.get("model", {}), **dict(args.param or [])}
+    run = train(args.dataset, config, model_table, run_dir=args.run, resume=args.resume)
     print(f"run written to {run.path}")
     return 0
 
@@ -226,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-col")
     p.add_argument("--delimiter")
     p.add_argument("--no-header", action="store_true", help="csv/tsv: the first line is data")
+    p.add_argument(
+        "--order-from-input",
+        action="store_true",
+        help="no time column: ts = line number, so each user's order follows the file",
+    )
     p.add_argument("--dedupe", choices=["keep-first", "keep-last", "sum", "count", "none"])
     p.add_argument("--min-user-interactions", type=int, metavar="N")
     p.add_argument("--min-item-interactions", type=int, metavar="N")
@@ -259,8 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a split; writes a run directory")
     p.add_argument("dataset")
     p.add_argument("--split", help="split name (default: leave-last)")
-    p.add_argument("--model", help="popularity | ials | mf-bpr")
+    p.add_argument("--model", help=" | ".join(MODEL_NAMES))
     p.add_argument("--config", help="TOML file with [train] and [model] tables")
+    p.add_argument(
+        "--param",
+        action="append",
+        type=_model_param,
+        metavar="KEY=VALUE",
+        help="a [model] hyper-parameter (repeatable; a TOML value: 64, 1e-3, 'bpr', true); "
+        "overrides the config file",
+    )
     p.add_argument("--run", help="run directory (default: runs/<dataset>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--epochs", type=_positive_int)

@@ -43,6 +43,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_toml",
+    "parse_toml_value",
     "write_toml",
 ]
 
@@ -163,6 +164,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def parse_toml_value(text: str) -> Any:
+    """A command-line value read as TOML (``64``, ``1e-3``, ``true``, ``'bpr'``, ``[1, 2]``); text
+    that is not a TOML value is taken as a string, so ``loss=bpr`` works unquoted."""
+    try:
+        return tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
 def write_toml(path: str | Path, tables: Mapping[str, Any]) -> None:
     """Write ``tables`` (stage name -> dataclass or dict) as one TOML file."""
     doc = {
@@ -196,6 +206,11 @@ class IngestConfig:
     header: bool | None = None
     # how a timestamp column is parsed when it is text: None = unix seconds or ISO-8601
     time_format: str | None = None
+    # for sources without a time column whose rows are in time order per user (e.g. the
+    # SASRec/BERT4Rec sequence files): ts becomes the row's 1-based position in the input, its
+    # line number in a text file (header included), so leave-last splits and sequence models
+    # follow the file's order; a later file continues after the earlier ones
+    order_from_input: bool = False
     dedupe: DedupePolicy = "keep-last"
     min_user_interactions: int = 0
     min_item_interactions: int = 0
@@ -222,6 +237,11 @@ class IngestConfig:
                     f"ingest: {name} {getattr(self, name)!r} is unknown; expected one of "
                     + ", ".join(repr(a) for a in allowed)
                 )
+        if self.order_from_input and self.time_col is not None:
+            raise ConfigError(
+                f"ingest: time_col {self.time_col!r} and order_from_input are both given; "
+                "order_from_input makes ts the input position, for sources without a time column"
+            )
         if self.delimiter is not None and not 1 <= len(self.delimiter) <= 4:
             raise ConfigError(
                 f"ingest: delimiter must be 1 to 4 characters, got {self.delimiter!r}"

@@ -231,6 +231,9 @@ def _quality(
         "seconds": round(seconds, 3),
         "rows_per_second": round(result.n_input / seconds) if seconds > 0 else 0,
     }
+    if config.order_from_input:
+        # ts are input positions, not times: dates made from them would be 1970 nonsense
+        quality["time"] = {**quality["time"], "min": None, "max": None, "from": "input order"}
     warnings = list(old.get("warnings", [])) + result.warnings
     if warnings:
         quality["warnings"] = warnings

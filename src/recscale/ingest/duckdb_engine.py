@@ -143,6 +143,7 @@ class DuckDBIngest:
         self.buffer = max(1 << 20, min(1 << 25, memory // (8 * max(threads, 1))))
         self.runs: list[SourceRun] = []
         self.warnings: list[str] = []
+        self.ts_offset = 0  # order_from_input: the largest ts staged before the current source
 
     # ----------------------------------------------------------------- helpers
 
@@ -193,6 +194,15 @@ class DuckDBIngest:
 
     def stage(self, spec: SourceSpec, src: int) -> SourceRun:
         run = SourceRun(spec, src, base=int(self.sql1("SELECT count(*) FROM staged")))
+        if self.config.order_from_input:
+            time_col = spec.roles.get("time")
+            if time_col is not None:
+                raise ConfigError(
+                    f"ingest: {spec.path} has a time column {time_col!r} and order_from_input is "
+                    "set; order_from_input is for sources without one (drop it to use the column)"
+                )
+            # a later file (or rows appended to a dataset) comes after everything before it
+            self.ts_offset = int(self.sql1("SELECT coalesce(max(ts), 0) FROM staged"))
         start = time.perf_counter()
         try:
             if spec.kind == "parquet":
@@ -275,7 +285,10 @@ class DuckDBIngest:
             expr = overrides.get(name, rules.render(expr, params))
             ctes.append(f"d{i} AS (SELECT *, {expr} AS {name} FROM {prev})")
             prev = f"d{i}"
-        if "ts" in overrides:
+        if self.config.order_from_input:
+            # `pos`: the row's 1-based position in its file, computed by the base query
+            ts = f"{self.ts_offset} + pos"
+        elif "ts" in overrides:
             ts = overrides["ts"]
         elif self.config.time_format:
             ts = (
@@ -324,7 +337,13 @@ class DuckDBIngest:
                     unnest(CASE WHEN len(f) <= 1 THEN [NULL::VARCHAR] ELSE f[2:] END) AS item_text,
                     NULL::VARCHAR AS time_text, NULL::VARCHAR AS value_text
                 FROM t"""
+            if self.config.order_from_input:
+                # a line lists many items: positions number the (user, item) pairs, not lines
+                base = f"SELECT *, row_number() OVER () AS pos FROM ({base})"
             return self._rules_sql(base, spec, src, blank="is_blank", ln="rn")
+        # order_from_input: the physical line number (the lines before the first row counted)
+        pos = f", row_number() OVER () + {spec.skip} AS pos" if self.config.order_from_input else ""
+        keep = ", pos" if pos else ""
         if spec.kind == "jsonl":
 
             def field(role: str) -> str:
@@ -336,10 +355,11 @@ class DuckDBIngest:
 
             # JSON functions only ever see valid JSON: a malformed line is a row, not an error
             base = f"""
-                WITH l0 AS (SELECT raw, CASE WHEN json_valid(raw) THEN raw END AS j FROM {lines}),
+                WITH l0 AS (SELECT raw, CASE WHEN json_valid(raw) THEN raw END AS j{pos}
+                    FROM {lines}),
                 l AS (SELECT raw, coalesce(json_type(j) = 'OBJECT', false) AS json_ok,
-                    CASE WHEN json_type(j) = 'OBJECT' THEN j END AS obj FROM l0)
-                SELECT raw, NULL::INTEGER AS n_fields, json_ok, {field("user")} AS user_text,
+                    CASE WHEN json_type(j) = 'OBJECT' THEN j END AS obj{keep} FROM l0)
+                SELECT raw, NULL::INTEGER AS n_fields, json_ok{keep}, {field("user")} AS user_text,
                     {field("item")} AS item_text, {field("time")} AS time_text,
                     {field("value")} AS value_text
                 FROM l"""
@@ -381,9 +401,9 @@ class DuckDBIngest:
             return "NULL::VARCHAR" if pos is None else f"f[{pos + 1}]"
 
         base = f"""
-            WITH l0 AS (SELECT raw, {split_source} AS s FROM {lines}),
-            l AS (SELECT raw, {split} AS f FROM l0)
-            SELECT raw, len(f) AS n_fields, TRUE AS json_ok, {pick("user")} AS user_text,
+            WITH l0 AS (SELECT raw, {split_source} AS s{pos} FROM {lines}),
+            l AS (SELECT raw, {split} AS f{keep} FROM l0)
+            SELECT raw, len(f) AS n_fields{keep}, TRUE AS json_ok, {pick("user")} AS user_text,
                 {pick("item")} AS item_text, {pick("time")} AS time_text,
                 {pick("value")} AS value_text
             FROM l"""
@@ -453,7 +473,7 @@ class DuckDBIngest:
         base = f"""
             SELECT *, NULL::INTEGER AS n_fields, TRUE AS json_ok, {text("user")} AS user_text,
                 {text("item")} AS item_text, {text("time")} AS time_text,
-                {text("value")} AS value_text
+                {text("value")} AS value_text, ln AS pos
             FROM (SELECT file_row_number + 1 AS ln,
                     {", ".join(f"{_ident(c)} AS {a}" for c, a in alias.items())}
                   FROM read_parquet({_lit(str(spec.path))}, file_row_number = true))"""

@@ -133,7 +133,12 @@ def format_quality(quality: dict[str, Any]) -> str:
     lines.append("interactions per item: " + _dist_line(quality["interactions_per_item"]))
     lines.append(f"item popularity Gini: {quality['item_gini']:.3f}")
     t = quality["time"]
-    if t["min"] is None:
+    if t.get("from") == "input order":
+        lines.append(
+            f"time: none in the source; ts = input position {t['min_ts']:,} .. {t['max_ts']:,} "
+            "(order_from_input)"
+        )
+    elif t["min"] is None:
         lines.append("time: no timestamps")
     else:
         missing = f", {t['missing']:,} without" if t["missing"] else ""

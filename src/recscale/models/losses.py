@@ -58,18 +58,15 @@ def sampled_softmax_loss(
     """
     if neg_scores.dim() == 1:
         neg_scores = neg_scores.unsqueeze(1)
-    logits = torch.cat([pos_scores.unsqueeze(1), neg_scores], dim=1) / temperature
-    if log_q_pos is not None or log_q_neg is not None:
-        log_q = torch.cat(
-            [
-                _broadcast(log_q_pos, pos_scores).unsqueeze(1),
-                _broadcast(log_q_neg, neg_scores),
-            ],
-            dim=1,
-        )
-        logits = logits - log_q
-    # the positive is column 0: -log softmax(logits)[:, 0]
-    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    pos_logits, neg_logits = pos_scores / temperature, neg_scores / temperature
+    if log_q_pos is not None:
+        pos_logits = pos_logits - log_q_pos
+    if log_q_neg is not None:
+        neg_logits = neg_logits - log_q_neg
+    # -log softmax of the positive, without concatenating it to the (B, n) negatives: with
+    # thousands of negatives each full-size pass over the logits costs as much as the matmul
+    total = torch.logaddexp(pos_logits, torch.logsumexp(neg_logits, dim=1))
+    return (total - pos_logits).mean()
 
 
 def in_batch_softmax_loss(
@@ -137,7 +134,3 @@ def l2_batch(*tensors: torch.Tensor) -> torch.Tensor:
     return 0.5 * total / batch
 
 
-def _broadcast(log_q: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if log_q is None:
-        return like.new_zeros(like.shape)
-    return log_q.expand(like.shape)

@@ -9,13 +9,32 @@ from typing import Any
 from recscale.config import config_from_dict
 from recscale.errors import ConfigError, ModelError
 from recscale.models.base import Recommender
+from recscale.models.bspm import BSPM
+from recscale.models.ease import EASE
 from recscale.models.ials import IALS
+from recscale.models.itemknn import ItemKNN
+from recscale.models.lightgcn import LightGCN
 from recscale.models.mf_bpr import MFBPR
 from recscale.models.popularity import Popularity
+from recscale.models.sasrec import SASRec
+from recscale.models.two_tower import TwoTower
 
 __all__ = ["MODELS", "create_model", "get_model_class", "model_params"]
 
-MODELS: dict[str, type[Recommender]] = {cls.name: cls for cls in (Popularity, IALS, MFBPR)}
+MODELS: dict[str, type[Recommender]] = {
+    cls.name: cls
+    for cls in (
+        Popularity,
+        IALS,
+        MFBPR,
+        LightGCN,
+        BSPM,
+        SASRec,
+        TwoTower,
+        EASE,
+        ItemKNN,
+    )
+}
 
 
 def get_model_class(name: str) -> type[Recommender]:

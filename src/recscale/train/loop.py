@@ -140,7 +140,8 @@ def fit(
                 rng = np.random.default_rng(config.seed)
                 valid_users = np.sort(rng.choice(all_users, config.validate_users, replace=False))
 
-        def validate(target: Interactions) -> float:
+        def validate(target: Interactions, row: dict[str, Any]) -> float:
+            """Adds ``valid_ndcg@k`` and ``valid_recall@k`` to ``row``; returns the NDCG."""
             result = evaluate_model(
                 model,
                 target,
@@ -149,7 +150,11 @@ def fit(
                 device=device,
                 users=valid_users,
             )
-            return float(result[f"ndcg@{config.validate_k}"])
+            for name in ("ndcg", "recall"):
+                row[f"valid_{name}@{config.validate_k}"] = float(
+                    result[f"{name}@{config.validate_k}"]
+                )
+            return row[f"valid_ndcg@{config.validate_k}"]
 
         def write_metrics(row: dict[str, Any]) -> None:
             with metrics_path.open("a") as fh:
@@ -180,9 +185,8 @@ def fit(
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"epoch": 1, "step": 1, "train_seconds": round(seconds, 3)}
             if valid is not None:
-                counters["best_metric"] = validate(valid)
+                counters["best_metric"] = validate(valid, row)
                 counters["best_epoch"] = 1
-                row[f"valid_{metric}"] = counters["best_metric"]
             counters.update(epoch=1, step=1, finished=True)
             write_metrics(row)
             save_checkpoint(last_path, make_checkpoint())
@@ -272,8 +276,7 @@ def fit(
             last_epoch = counters["epoch"] == config.epochs
             if valid is not None and (counters["epoch"] % config.validate_every == 0 or last_epoch):
                 model.eval()
-                value = validate(valid)
-                row[f"valid_{metric}"] = value
+                value = validate(valid, row)
                 best = counters["best_metric"]
                 # NaN (no user to validate) never counts as an improvement
                 improved = math.isfinite(value) and (best is None or value > best)

@@ -1,0 +1,326 @@
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, ICDM 2018).
+
+A user is the sequence of their last ``max_len`` items. Item embeddings plus learnable position
+embeddings go through ``n_layers`` causal self-attention blocks (pre-LayerNorm); the hidden state
+at position ``t`` sees items ``1..t`` only and is trained to score item ``t + 1`` above the
+others. The output layer is the item embedding table itself, so ``score(u, i) = ⟨h_u, e_i⟩``
+where ``h_u`` is the hidden state after the user's latest item: exported user vectors are these
+hidden states and item vectors the item embeddings.
+
+``loss`` picks the objective over the next item at every position:
+
+- ``"softmax"``: cross-entropy over the whole catalogue. Klenitskiy & Vasilev (RecSys 2023,
+  "Turning Dross Into Gold Loss: is BERT4Rec really better than SASRec?") show that this alone
+  lifts SASRec above BERT4Rec under full ranking. It costs a ``(positions × items)`` product
+  per batch, the dominant cost on large catalogues;
+- ``"sampled-softmax"``: the same cross-entropy against ``n_negatives`` uniform items drawn once
+  per batch and shared by all its positions (one ``positions × n_negatives`` product; a draw
+  equal to a position's target is masked for it). Uniform proposals make the log-Q correction
+  a constant, so it is left out; with a few thousand negatives it tracks the full softmax at a
+  fraction of its cost on large catalogues;
+- ``"bce"``: the paper's binary cross-entropy, the positive against each of ``n_negatives``
+  negatives drawn per position among the items the user has not interacted with;
+- ``"bpr"``: the positive above each of those negatives
+  (:func:`~recscale.models.losses.bpr_loss`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from recscale.dataset import Interactions
+from recscale.errors import ConfigError
+from recscale.loader import SequenceLoader, last_items
+from recscale.models.base import TorchRecommender
+from recscale.models.losses import bpr_loss, sampled_softmax_loss
+
+__all__ = ["SASRec", "SASRecParams"]
+
+SASRecLoss = typing.Literal["softmax", "sampled-softmax", "bce", "bpr"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SASRecParams:
+    """SASRec hyper-parameters (the ``[model]`` table).
+
+    ``max_len`` 50 and ``dim`` 64 with 2 layers are the usual settings on Amazon Beauty; the
+    dropout is high because such logs are short and sparse (the paper uses 0.5 there).
+    """
+
+    max_len: int = 50
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 1
+    dropout: float = 0.2
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    loss: SASRecLoss = "sampled-softmax"
+    # negatives per batch (sampled-softmax; the full softmax when >= the number of items) or
+    # per position (bce, bpr); unused by "softmax"
+    n_negatives: int = 4096
+    init_std: float = 0.02
+    # batches whose users are sorted by history length together (SequenceLoader); 0 = off
+    bucket_batches: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_len", "dim", "n_layers", "n_heads", "lr", "n_negatives", "init_std"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model sasrec: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(
+                f"model sasrec: dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model sasrec: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bucket_batches < 0:
+            raise ConfigError(
+                f"model sasrec: bucket_batches must be >= 0, got {self.bucket_batches!r}"
+            )
+        if self.weight_decay < 0:
+            raise ConfigError(f"model sasrec: weight_decay must be >= 0, got {self.weight_decay!r}")
+        losses = typing.get_args(SASRecLoss)
+        if self.loss not in losses:
+            raise ConfigError(
+                f"model sasrec: loss {self.loss!r} is unknown; expected one of "
+                + ", ".join(repr(x) for x in losses)
+            )
+
+
+class _Block(torch.nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))``."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        # SASRec's point-wise feed-forward keeps the model's width
+        self.ffn = torch.nn.Sequential(
+            torch.nn.Linear(dim, dim),
+            torch.nn.GELU(),
+            torch.nn.Dropout(dropout),
+            torch.nn.Linear(dim, dim),
+        )
+        self.dropout = torch.nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(dim, dim=2)
+        heads = (b, length, self.n_heads, dim // self.n_heads)
+        q, k, v = (t.view(heads).transpose(1, 2) for t in (q, k, v))
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(b, length, dim)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+def _trim(seq: torch.Tensor, *aligned: torch.Tensor) -> list[torch.Tensor]:
+    """Drop the columns on the left that are padding in every row, from ``seq`` and ``aligned``.
+
+    Positions count from the right, so the remaining columns encode exactly as before; short
+    histories (and the loader's length buckets) make this most of a batch. It reads one number
+    from the device.
+    """
+    width = max(int((seq > 0).sum(dim=1).max()), 1) if len(seq) else 1
+    if width >= seq.shape[1]:
+        return [seq, *aligned]
+    return [seq[:, -width:], *(x[:, -width:] for x in aligned)]
+
+
+class SASRec(TorchRecommender):
+    """Causal self-attention over each user's recent items; the item table is the output layer."""
+
+    name = "sasrec"
+    Params = SASRecParams
+
+    def __init__(self, params: SASRecParams, n_users: int, n_items: int, *, seed: int = 0):
+        super().__init__(params, n_users, n_items, seed=seed)
+        # negatives per position (bce, bpr) and per batch (sampled-softmax), drawn by the loader
+        per_position = params.loss in ("bce", "bpr")
+        self.n_negatives = params.n_negatives if per_position else 0
+        # as many draws as items would only approximate what the full softmax computes exactly
+        self.full_softmax = params.loss == "softmax" or (
+            params.loss == "sampled-softmax" and params.n_negatives >= n_items
+        )
+        self.shared_negatives = (
+            params.n_negatives if params.loss == "sampled-softmax" and not self.full_softmax else 0
+        )
+        generator = self._generator()
+        d = params.dim
+        # row 0 is padding (item i is row i + 1); it stays zero and gets no gradient
+        self.item_emb = torch.nn.Embedding(n_items + 1, d, padding_idx=0)
+        self.pos_emb = torch.nn.Embedding(params.max_len, d)
+        self.blocks = torch.nn.ModuleList(
+            _Block(d, params.n_heads, params.dropout) for _ in range(params.n_layers)
+        )
+        self.norm = torch.nn.LayerNorm(d)
+        self.dropout = torch.nn.Dropout(params.dropout)
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=params.init_std, generator=generator)
+            elif name.endswith("bias"):
+                torch.nn.init.zeros_(p)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        # each user's last max_len observed items (shifted ids, left-padded): what score() reads
+        self.register_buffer(
+            "history", torch.zeros(n_users, params.max_len, dtype=torch.int64), persistent=True
+        )
+
+    # ----------------------------------------------------------------- histories
+
+    def prepare(self, train: Interactions, items: pa.Table | None = None) -> None:
+        self._check_train(train)
+        self.observe(train)
+
+    def observe(self, history: Interactions) -> None:
+        """Keep each user's last ``max_len`` items of ``history`` (in time order) for scoring."""
+        self._check_train(history)
+        indptr, items = history.sequences()
+        window, _ = last_items(indptr, items, np.arange(self.n_users), self.params.max_len)
+        self.history.copy_(torch.from_numpy(window))
+
+    def make_loader(self, train: Interactions, config: Any) -> SequenceLoader:
+        return SequenceLoader(
+            train,
+            max_len=self.params.max_len,
+            batch_size=config.batch_size,
+            n_negatives=self.n_negatives,
+            shared_negatives=self.shared_negatives,
+            bucket_batches=self.params.bucket_batches,
+            seed=config.seed,
+            reject_positives=config.reject_positives,
+        )
+
+    # ----------------------------------------------------------------- the encoder
+
+    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(B, L, dim)`` of left-padded, shifted item ids ``seq (B, L)``."""
+        x = self.item_emb(seq) * math.sqrt(self.params.dim)
+        return self.encode_embeddings(x, seq != 0)
+
+    def encode_embeddings(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The blocks over input embeddings ``x (B, L, dim)`` whose real cells are ``real (B, L)``.
+
+        Position ``i`` attends to positions ``j <= i`` that hold an item, and always to itself:
+        a padding cell then sees only itself (a softmax over nothing would be NaN and leak into
+        every later layer), and what a padding cell holds never reaches a real one. A user
+        without history is an all-padding row; its last state is a function of the position
+        embeddings alone, the same for every such user.
+        """
+        length = x.shape[1]
+        x = self.dropout(x + self.pos_emb.weight[-length:])
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril_()
+        eye = torch.eye(length, dtype=torch.bool, device=x.device)
+        mask = (causal & real.unsqueeze(1)) | eye  # (B, L query, L key)
+        mask = mask.unsqueeze(1)  # one mask for all heads
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def _user_states(self, users: torch.Tensor) -> torch.Tensor:
+        """The last hidden state of each user's observed history, ``(len(users), dim)``."""
+        (seq,) = _trim(self.history[users])
+        return self.encode(seq)[:, -1]
+
+    # ----------------------------------------------------------------- training
+
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = [k for k in ("seq", "pos", "neg") if k in batch]
+        cells = dict(zip(names, _trim(*(batch[k] for k in names)), strict=True))
+        seq = cells["seq"]
+        real = cells["pos"] > 0
+        target = cells["pos"][real]  # (N,) shifted ids: one per (user, position) with a next item
+        loss = self.params.loss
+        if self.full_softmax:
+            negatives = target[:0]  # every item is scored, none is looked up
+        elif loss == "sampled-softmax":
+            negatives = batch["shared_neg"]  # (n,) for every position
+        else:
+            negatives = cells["neg"][real]  # (N, n), per position
+        # one lookup for inputs, targets and negatives: each lookup's backward fills a gradient
+        # the size of the whole item table, which dominates a step on large catalogues
+        ids = torch.cat([seq.reshape(-1), target, negatives.reshape(-1)])
+        emb = self.item_emb(ids)
+        n_in, n_target = seq.numel(), len(target)
+        x = emb[:n_in].view(*seq.shape, -1) * math.sqrt(self.params.dim)
+        h = self.encode_embeddings(x, seq != 0)[real]  # (N, d)
+        if self.full_softmax:
+            logits = h @ self.item_emb.weight[1:].T  # (N, n_items)
+            return F.cross_entropy(logits, target - 1)
+        pos = (h * emb[n_in : n_in + n_target]).sum(-1)  # (N,)
+        neg_emb = emb[n_in + n_target :]
+        if loss == "sampled-softmax":
+            neg = h @ neg_emb.T  # (N, n)
+            # a draw that is a position's own target is no negative for it; the draws are sorted
+            # and unique, so each target matches at most one column, found by binary search
+            # (a comparison over the whole (N, n) grid would cost as much as the product)
+            col = torch.searchsorted(negatives, target).clamp_(max=len(negatives) - 1)
+            row = torch.nonzero(negatives[col] == target).squeeze(1)
+            neg = neg.index_put((row, col[row]), neg.new_tensor(-torch.inf))
+            return sampled_softmax_loss(pos, neg)
+        neg_emb = neg_emb.view(len(target), -1, self.params.dim)
+        neg = torch.bmm(neg_emb, h.unsqueeze(2)).squeeze(2)  # (N, n)
+        if loss == "bpr":
+            return bpr_loss(pos, neg)
+        # bce: -log σ(pos) - mean log(1 - σ(neg)), softplus for stability
+        return (F.softplus(-pos) + F.softplus(neg).mean(dim=1)).mean()
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        # decoupled decay (AdamW) on the weight matrices only: not on norms, biases or padding
+        decay = [p for n, p in self.named_parameters() if p.dim() > 1]
+        rest = [p for n, p in self.named_parameters() if p.dim() <= 1]
+        return torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.params.weight_decay},
+                {"params": rest, "weight_decay": 0.0},
+            ],
+            lr=self.params.lr,
+            betas=(0.9, 0.98),
+            # one pass over all parameters: the item table dominates and the per-tensor loop
+            # would walk it several times per step
+            fused=True,
+        )
+
+    # ----------------------------------------------------------------- scoring
+
+    def score(self, users: np.ndarray) -> torch.Tensor:
+        users = torch.from_numpy(self._check_users(users)).to(self.device)
+        was_training = self.training
+        self.eval()  # dropout off: scores are a function of the weights and histories only
+        try:
+            with torch.no_grad():
+                return self._user_states(users) @ self.item_emb.weight[1:].T
+        finally:
+            self.train(was_training)
+
+    def export_embeddings(self, batch_users: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                states = [
+                    self._user_states(
+                        torch.arange(s, min(s + batch_users, self.n_users), device=self.device)
+                    )
+                    .cpu()
+                    .numpy()
+                    for s in range(0, self.n_users, batch_users)
+                ]
+                items = self.item_emb.weight[1:].detach().cpu().numpy()
+        finally:
+            self.train(was_training)
+        users = np.concatenate(states) if states else np.zeros((0, self.params.dim), np.float32)
+        return np.ascontiguousarray(users, np.float32), np.ascontiguousarray(items, np.float32)
