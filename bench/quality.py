@@ -100,9 +100,7 @@ def prepare(bench: Bench, work: Path) -> Path:
     path = work / bench.name
     split_name = bench.split.get("name", bench.split["strategy"])
     if not (path / "manifest.json").exists():
-        ingest(
-            [data_root() / bench.folder], path, IngestConfig(**bench.ingest), progress=False
-        )
+        ingest([data_root() / bench.folder], path, IngestConfig(**bench.ingest), progress=False)
     if split_name not in open_dataset(path).split_names():
         make_split(path, SplitConfig(**bench.split))
     return path
@@ -168,7 +166,9 @@ def summarize(results: list[dict[str, Any]], metric: str) -> tuple[float, float]
     if not values:
         return None
     mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0
+    std = (
+        (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0
+    )
     return mean, std
 
 

@@ -120,6 +120,16 @@ def test_a_second_file_continues_after_the_first(tmp_path: Path) -> None:
     assert by_ts(result) == [("1", "10", 1), ("2", "10", 2), ("1", "20", 3)]
 
 
+def test_an_append_continues_after_the_dataset(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("1 10\n2 10\n1 30\n")
+    second.write_text("2 20\n")
+    run(tmp_path, [first], order_from_input=True)
+    config = IngestConfig(order_from_input=True)
+    result = ingest([second], tmp_path / "ds", config, append=True, progress=False)
+    assert by_ts(result) == [("1", "10", 1), ("2", "10", 2), ("1", "30", 3), ("2", "20", 4)]
+
+
 def test_leave_last_holds_out_each_users_last_line(tmp_path: Path) -> None:
     src = tmp_path / "seq.txt"
     src.write_text("\n".join(SEQUENCE_LINES) + "\n")

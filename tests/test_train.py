@@ -501,8 +501,10 @@ def test_public_surface() -> None:
     ]
     assert recscale.loader.__all__ == [
         "InMemoryLoader",
+        "SequenceLoader",
         "World",
         "is_positive",
+        "last_items",
         "partition",
         "positive_keys",
         "sample_negatives",

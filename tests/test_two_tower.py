@@ -194,7 +194,7 @@ def test_sampled_and_mixed_losses() -> None:
     pos, neg = BATCH["pos"].numpy(), BATCH["neg"].numpy().reshape(-1)
     log_p = np.log(np.array([3, 2, 1, 1, 1]) / 7)
     for loss in ("sampled", "mixed"):
-        model = _model(loss=loss, n_negatives=2, temperature=0.5)
+        model = _model(loss=loss, n_negatives=2, temperature=0.5, log_q_weight=0.5)
         model.prepare(TRAIN, ITEMS)
         u, v, w = _towers(model)
         positive = np.sum(u * v, axis=1)
@@ -205,7 +205,7 @@ def test_sampled_and_mixed_losses() -> None:
         else:
             # one softmax over the in-batch and the uniform candidates, each corrected by the
             # mixture of the two samplers, B · p(i) + M / n_items with B = 5 rows, M = 10 draws
-            log_q = np.log(5 * np.exp(log_p) + 10 / 5)
+            log_q = 0.5 * np.log(5 * np.exp(log_p) + 10 / 5)  # log_q_weight 0.5
             in_batch = u @ v.T
             in_batch[pos[:, None] == pos[None, :]] = -np.inf  # itself and its duplicates
             rest = np.hstack([in_batch, uniform]) / 0.5 - np.concatenate([log_q[pos], log_q[neg]])

@@ -132,5 +132,3 @@ def l2_batch(*tensors: torch.Tensor) -> torch.Tensor:
             squares = squares.mean(dim=1)
         total = total + squares.sum()
     return 0.5 * total / batch
-
-

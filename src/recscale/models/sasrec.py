@@ -51,8 +51,21 @@ SASRecLoss = typing.Literal["softmax", "sampled-softmax", "bce", "bpr"]
 class SASRecParams:
     """SASRec hyper-parameters (the ``[model]`` table).
 
-    ``max_len`` 50 and ``dim`` 64 with 2 layers are the usual settings on Amazon Beauty; the
-    dropout is high because such logs are short and sparse (the paper uses 0.5 there).
+    ``max_len`` 50, ``dim`` 64, 2 layers are the usual settings on Amazon Beauty (use 200 on
+    MovieLens, whose histories are long). The model trains one row per user, so the ``[train]``
+    table wants small batches: ``batch_size = 128``, ``epochs = 20`` (the cosine schedule and
+    early stopping on the valid part do the rest).
+
+    Measured on the Beauty SASRec/BERT4Rec file (``ingest --order-from-input``, leave-last k=1,
+    full ranking, 2 shared CPU cores, 1 thread): the defaults reach HR@10 0.0505, NDCG@10
+    0.0306 on test (best validation at epoch 16 of 19, 8.5 minutes), against iALS
+    0.0340 / 0.0175, MF-BPR 0.0208 / 0.0105 and popularity 0.0078 / 0.0035 on the same split.
+    What got there (NDCG@10 on 5,000 valid users): 1,024 shared negatives, dropout 0.5, lr 1e-3
+    0.028 after 15 epochs; lr 3e-3 and dropout 0.3 0.033; 4,096 negatives and dropout 0.2 0.038.
+    The full softmax learns more per epoch (0.0065 after one epoch against 0.0028 for 1,024
+    negatives) but costs 350 s per epoch on that CPU against about 20 s, so it is the choice on
+    a GPU, not the default. On ml-latest-small (real times, leave-last, ``max_len`` 200, batch
+    64): HR@10 0.1028, NDCG@10 0.0588 against MF-BPR 0.0745 / 0.0433 and iALS 0.0715 / 0.0339.
     """
 
     max_len: int = 50

@@ -79,9 +79,10 @@ class TwoTowerParams:
     n_negatives: int = 1
     # logits are cosine / temperature
     temperature: float = 0.1
-    # weight of the log-Q correction: 1 removes the sampler's popularity bias, 0 keeps it
-    log_q_weight: float = 1.0
-    lr: float = 1e-3
+    # weight of the log-Q correction: 1 removes the in-batch sampler's popularity bias, 0 keeps
+    # it (and pushes popular items down hard), above 1 leans towards popular items
+    log_q_weight: float = 1.5
+    lr: float = 1e-2
     weight_decay: float = 0.0
     dropout: float = 0.0
     init_std: float = 0.1
