@@ -88,3 +88,13 @@ def test_cosine_contrastive_loss_only_pushes_negatives_above_the_margin() -> Non
     neg_t = _t(neg).requires_grad_(True)
     cosine_contrastive_loss(_t(pos), neg_t, margin=margin).backward()
     np.testing.assert_array_equal(neg_t.grad.numpy() != 0, neg > margin)
+
+
+def test_mf_with_a_cosine_loss_needs_plain_negatives_and_no_bias() -> None:
+    from recscale.errors import ConfigError
+    from recscale.models import create_model
+
+    with pytest.raises(ConfigError, match=r"loss 'ccl' scores by cosine.*hard_negatives = false"):
+        create_model("mf-bpr", {"loss": "ccl"}, 4, 4)
+    with pytest.raises(ConfigError, match=r"loss 'hinge' is unknown"):
+        create_model("mf-bpr", {"loss": "hinge"}, 4, 4)

@@ -57,6 +57,33 @@ CASES = {
         {"dim": 16, "max_len": 8, "lr": 0.02, "dropout": 0.1, "loss": "bce", "n_negatives": 4},
         epochs=40,
     ),
+    # the shared cosine losses on plain MF (MF-CCL is SimpleX's recipe)
+    "mf-ccl": Case(
+        "mf-bpr",
+        {
+            "dim": 16,
+            "lr": 0.05,
+            "n_negatives": 8,
+            "loss": "ccl",
+            "negative_weight": 4.0,
+            "hard_negatives": False,
+            "item_bias": False,
+        },
+        epochs=40,
+    ),
+    "mf-softmax": Case(
+        "mf-bpr",
+        {
+            "dim": 16,
+            "lr": 0.05,
+            "n_negatives": 8,
+            "loss": "softmax",
+            "temperature": 0.2,
+            "hard_negatives": False,
+            "item_bias": False,
+        },
+        epochs=40,
+    ),
     "lightgcn": Case("lightgcn", {"dim": 16, "lr": 0.05, "n_negatives": 4}, epochs=60),
     # the cosine losses, with negatives shared by the batch
     "lightgcn-softmax": Case(

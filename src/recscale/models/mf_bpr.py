@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 from recscale.errors import ConfigError
 from recscale.models.base import TorchRecommender
-from recscale.models.losses import bpr_loss, l2_batch
+from recscale.models.losses import (
+    LOSSES,
+    bpr_loss,
+    cosine_contrastive_loss,
+    l2_batch,
+    sampled_softmax_loss,
+)
 
 __all__ = ["MFBPR", "MFBPRParams"]
 
@@ -43,13 +49,30 @@ class MFBPRParams:
     hard_negatives: bool = True
     item_bias: bool = True
     init_std: float = 0.1
+    # the shared losses (recscale.models.losses): "bpr", or "softmax" / "ccl" on cosine scores
+    # (sampled softmax at `temperature`; SimpleX's cosine contrastive loss with `margin` and
+    # `negative_weight`, which makes this model MF-CCL)
+    loss: str = "bpr"
+    temperature: float = 0.1
+    margin: float = 0.8
+    negative_weight: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("dim", "lr", "n_negatives", "init_std"):
+        for name in ("dim", "lr", "n_negatives", "init_std", "temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model mf-bpr: {name} must be > 0, got {getattr(self, name)!r}")
         if self.reg < 0:
             raise ConfigError(f"model mf-bpr: reg must be >= 0, got {self.reg!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(
+                f"model mf-bpr: loss {self.loss!r} is unknown; expected one of "
+                + ", ".join(repr(x) for x in LOSSES)
+            )
+        if self.loss != "bpr" and (self.hard_negatives or self.item_bias):
+            raise ConfigError(
+                f"model mf-bpr: loss {self.loss!r} scores by cosine, which has no item bias and "
+                "uses every negative: set hard_negatives = false and item_bias = false"
+            )
 
 
 class MFBPR(TorchRecommender):
@@ -88,7 +111,21 @@ class MFBPR(TorchRecommender):
         scores = torch.bmm(v, u.unsqueeze(2)).squeeze(2)  # (B, 1 + n)
         if self.item_bias is not None:
             scores = scores + F.embedding(items, self.item_bias.unsqueeze(1)).squeeze(2)
-        loss = bpr_loss(scores[:, 0], scores[:, 1:])
+        if self.params.loss == "bpr":
+            loss = bpr_loss(scores[:, 0], scores[:, 1:])
+        else:
+            cos = scores / (v.norm(dim=2) * u.norm(dim=1, keepdim=True)).clamp_min(1e-12)
+            if self.params.loss == "softmax":
+                loss = sampled_softmax_loss(
+                    cos[:, 0], cos[:, 1:], temperature=self.params.temperature
+                )
+            else:
+                loss = cosine_contrastive_loss(
+                    cos[:, 0],
+                    cos[:, 1:],
+                    margin=self.params.margin,
+                    negative_weight=self.params.negative_weight,
+                )
         return loss + self.params.reg * l2_batch(u, v[:, 0], v[:, 1:])
 
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -98,18 +135,24 @@ class MFBPR(TorchRecommender):
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         users = torch.from_numpy(self._check_users(users)).to(self.device)
+        users_v, items_v = self._vectors()
+        return users_v[users] @ items_v.T
+
+    def _vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectors whose inner products are the scores (cosine losses: unit vectors)."""
         with torch.no_grad():
-            scores = self.user_emb[users] @ self.item_emb.T
+            users, items = self.user_emb, self.item_emb
+            if self.params.loss != "bpr":
+                return F.normalize(users, dim=1), F.normalize(items, dim=1)
             if self.item_bias is not None:
-                scores = scores + self.item_bias
-        return scores
+                # the bias becomes one more dimension: ⟨[p_u, 1], [q_i, b_i]⟩ = ⟨p_u, q_i⟩ + b_i
+                ones = torch.ones(len(users), 1, device=users.device)
+                return torch.cat([users, ones], 1), torch.cat([items, self.item_bias[:, None]], 1)
+            return users, items
 
     def export_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        users = self.user_emb.detach().cpu().numpy()
-        items = self.item_emb.detach().cpu().numpy()
-        if self.item_bias is not None:
-            # the bias becomes one more dimension: ⟨[p_u, 1], [q_i, b_i]⟩ = ⟨p_u, q_i⟩ + b_i
-            bias = self.item_bias.detach().cpu().numpy()[:, None]
-            users = np.hstack([users, np.ones((len(users), 1), np.float32)])
-            items = np.hstack([items, bias])
-        return np.ascontiguousarray(users, np.float32), np.ascontiguousarray(items, np.float32)
+        users, items = self._vectors()
+        return (
+            np.ascontiguousarray(users.cpu().numpy(), np.float32),
+            np.ascontiguousarray(items.cpu().numpy(), np.float32),
+        )
