@@ -7,10 +7,10 @@ TORCH_VERSION ?= 2.13.0
 export RECSCALE_DATA ?= $(abspath ../shared/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench clean
+.PHONY: help install demo test test-fast lint format bench bench-quality clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 
 bench: $(STAMP) ## ingest benchmark: recscale (DuckDB) vs pandas on a generated 10M-row CSV
 	$(BIN)/python bench/ingest.py --rows 10000000
+
+bench-quality: $(STAMP) ## every model on every shared data set, 3 seeds; rewrites the README's results (hours)
+	$(BIN)/python bench/quality.py --readme
 
 clean: ## remove the virtualenv, caches and demo output
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out
