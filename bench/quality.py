@@ -243,6 +243,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--readme", action="store_true", help="replace the README's table")
+    parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: build the table from the runs already finished under --out",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +265,14 @@ def main() -> None:
                 print(f"skipping {name}/{model}: no configs/{name}/{model}.toml")
                 continue
             model_seeds = seeds[:1] if model in DETERMINISTIC else seeds
+            if args.cached_only:
+                model_seeds = [
+                    seed
+                    for seed in model_seeds
+                    if (runs / name / f"{model}-seed{seed}" / "result.json").exists()
+                ]
+                if not model_seeds:
+                    continue
             results = []
             for seed in model_seeds:
                 result = run_one(bench, dataset, model, seed, args.device, runs)
