@@ -8,18 +8,11 @@ import pytest
 from recscale.dataset import Interactions
 from recscale.errors import ConfigError, ModelError
 from recscale.models import create_model
+from recscale.testing import interactions
 
 
 def _interactions(dense: np.ndarray) -> Interactions:
-    users, items = np.nonzero(dense)
-    return Interactions(
-        user_idx=users.astype(np.int32),
-        item_idx=items.astype(np.int32),
-        ts=np.full(len(users), -1, np.int64),
-        value=np.ones(len(users), np.float32),
-        n_users=dense.shape[0],
-        n_items=dense.shape[1],
-    )
+    return interactions(*np.nonzero(dense), *dense.shape)
 
 
 @pytest.fixture(scope="module")

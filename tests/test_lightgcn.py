@@ -10,6 +10,7 @@ from recscale.dataset import Interactions
 from recscale.errors import ConfigError, ModelError
 from recscale.models import create_model
 from recscale.models.lightgcn import normalized_adjacency
+from recscale.testing import interactions
 
 
 def _random_graph(n_users: int = 7, n_items: int = 9, seed: int = 0) -> Interactions:
@@ -17,15 +18,7 @@ def _random_graph(n_users: int = 7, n_items: int = 9, seed: int = 0) -> Interact
     dense = rng.random((n_users, n_items)) < 0.35
     dense[0, 0] = True  # at least one edge
     dense[:, n_items - 1] = False  # an item nobody interacted with
-    users, items = np.nonzero(dense)
-    return Interactions(
-        user_idx=users.astype(np.int32),
-        item_idx=items.astype(np.int32),
-        ts=np.full(len(users), -1, np.int64),
-        value=np.ones(len(users), np.float32),
-        n_users=n_users,
-        n_items=n_items,
-    )
+    return interactions(*np.nonzero(dense), n_users, n_items)
 
 
 def _dense_reference(train: Interactions, users: np.ndarray, items: np.ndarray, layers: int):

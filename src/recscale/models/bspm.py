@@ -32,7 +32,7 @@ import torch
 from recscale.dataset import Interactions
 from recscale.errors import ConfigError, ModelError
 from recscale.models.base import Recommender
-from recscale.models.lightgcn import normalized_adjacency
+from recscale.models.lightgcn import normalized_adjacency, top_singular_vectors
 
 __all__ = ["BSPM", "BSPMParams"]
 
@@ -93,23 +93,19 @@ class BSPM(Recommender):
         started = time.perf_counter()
         r = normalized_adjacency(train)
         degree = np.asarray(train.to_csr().sum(axis=0)).ravel()
-        k = min(self.params.factors, min(r.shape))
-        q = min(k + self.params.svd_oversample, min(r.shape))
-        coo = r.tocoo()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse invariant checks disabled"
-            matrix = torch.sparse_coo_tensor(
-                np.vstack([coo.row, coo.col]), coo.data, r.shape, dtype=torch.float32
-            ).coalesce()
-        # svd_lowrank draws its random projection from the global generator: seed a private one
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            _, _, v = torch.svd_lowrank(matrix, q=q, niter=self.params.svd_iterations)
+        _, _, v = top_singular_vectors(
+            r,
+            self.params.factors,
+            seed=self.seed,
+            oversample=self.params.svd_oversample,
+            iterations=self.params.svd_iterations,
+        )
+        k = v.shape[1]
         inv_sqrt = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1)), 0.0)
         self._state = {
             **_csr_state("graph", r),
             **_csr_state("graph_t", r.T.tocsr()),
-            "basis": v[:, :k].contiguous().float(),
+            "basis": v.contiguous().float(),
             "degree_inv_sqrt": torch.from_numpy(inv_sqrt.astype(np.float32)),
             "degree_sqrt": torch.from_numpy(np.sqrt(degree).astype(np.float32)),
         }

@@ -34,7 +34,7 @@ from recscale.models.losses import (
     sampled_softmax_loss,
 )
 
-__all__ = ["LightGCN", "LightGCNParams", "normalized_adjacency"]
+__all__ = ["LightGCN", "LightGCNParams", "normalized_adjacency", "top_singular_vectors"]
 
 NEGATIVE_SAMPLERS = ("uniform", "hard", "mix")
 
@@ -103,6 +103,29 @@ class LightGCNParams:
                 f"model lightgcn: loss {self.loss!r} is unknown; expected one of "
                 + ", ".join(repr(x) for x in LOSSES)
             )
+
+
+def top_singular_vectors(
+    matrix: sp.spmatrix, k: int, *, seed: int, oversample: int, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k`` singular triplets ``(U, σ, V)`` of a sparse matrix, by randomised SVD.
+
+    ``torch.svd_lowrank`` (Halko et al.) with ``k + oversample`` columns and ``iterations``
+    power iterations; its random projection comes from a private generator seeded with ``seed``,
+    so the result is reproducible and the global RNG is untouched.
+    """
+    k = min(k, min(matrix.shape))
+    q = min(k + oversample, min(matrix.shape))
+    coo = matrix.tocoo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse invariant checks disabled"
+        tensor = torch.sparse_coo_tensor(
+            np.vstack([coo.row, coo.col]), coo.data, matrix.shape, dtype=torch.float32
+        ).coalesce()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        u, sigma, v = torch.svd_lowrank(tensor, q=q, niter=iterations)
+    return u[:, :k], sigma[:k], v[:, :k]
 
 
 def normalized_adjacency(train: Interactions) -> sp.csr_matrix:
@@ -177,18 +200,9 @@ class LightGCN(TorchRecommender):
 
     def _spectral_init(self, r: sp.csr_matrix) -> None:
         """Layer 0 from the rank-``dim`` SVD of ``R̃``: ``U √σ`` for users, ``V √σ`` for items."""
-        coo = r.tocoo()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse invariant checks disabled"
-            matrix = torch.sparse_coo_tensor(
-                np.vstack([coo.row, coo.col]), coo.data, r.shape, dtype=torch.float32
-            ).coalesce()
         dim = self.params.dim
-        q = min(dim + 32, min(r.shape))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            u, sigma, v = torch.svd_lowrank(matrix, q=q, niter=4)
-        k = min(dim, q)
+        u, sigma, v = top_singular_vectors(r, dim, seed=self.seed, oversample=32, iterations=4)
+        k = u.shape[1]
         scale = sigma[:k].clamp_min(0).sqrt()
         users = torch.zeros(self.n_users, dim)
         items = torch.zeros(self.n_items, dim)
