@@ -30,7 +30,17 @@ ROOT = HERE.parent
 CONFIGS = ROOT / "configs"
 OUT = HERE / "out"
 
-MODELS = ("popularity", "itemknn", "ease", "ials", "mf-bpr", "lightgcn", "two-tower", "sasrec")
+MODELS = (
+    "popularity",
+    "itemknn",
+    "ease",
+    "bspm",
+    "ials",
+    "mf-bpr",
+    "lightgcn",
+    "two-tower",
+    "sasrec",
+)
 # models whose result does not depend on the seed: trained once
 DETERMINISTIC = {"popularity", "itemknn", "ease"}
 
