@@ -253,7 +253,8 @@ class LightGCN(TorchRecommender):
         """The final user and item embeddings: the mean of layers ``0..n_layers``."""
         users, items = self.layers()
         scale = 1.0 / (self.params.n_layers + 1)
-        return torch.stack(users).sum(0) * scale, torch.stack(items).sum(0) * scale
+        # running sums: stacking the layers would copy every embedding table once per step
+        return sum(users[1:], users[0]) * scale, sum(items[1:], items[0]) * scale
 
     @property
     def _cosine(self) -> bool:
