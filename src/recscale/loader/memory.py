@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from recscale.dataset import Interactions
-from recscale.errors import ConfigError, RunError
+from recscale.errors import ConfigError
+from recscale.loader.position import EpochLoader
 from recscale.loader.world import World, partition
 
 __all__ = ["InMemoryLoader", "is_positive", "positive_keys", "sample_negatives"]
@@ -68,7 +69,7 @@ def sample_negatives(
     return neg
 
 
-class InMemoryLoader:
+class InMemoryLoader(EpochLoader):
     """Batches of training pairs with uniform negative sampling.
 
     ``sampling`` chooses how positives are drawn:
@@ -127,15 +128,6 @@ class InMemoryLoader:
         self.epoch = 0
         self.batch = 0
 
-    @property
-    def rows_per_epoch(self) -> int:
-        """Rows this rank reads per epoch (all ranks read the same number)."""
-        return -(-len(self.users) // self.world.world_size)
-
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        return -(-self.rows_per_epoch // self.batch_size)
-
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This rank's row indices for ``epoch``, in the order they are batched."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.users))
@@ -174,16 +166,3 @@ class InMemoryLoader:
             "world_size": self.world.world_size,
             "sampling": self.sampling,
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        differ = [
-            k
-            for k in ("seed", "rows", "batch_size", "world_size", "sampling")
-            if state.get(k) != mine[k]
-        ]
-        if differ:
-            got = ", ".join(f"{k}={state.get(k)!r} (now {mine[k]!r})" for k in differ)
-            raise RunError(f"loader state is from another set-up: {got}")
-        self.epoch = int(state["epoch"])
-        self.batch = int(state["batch"])

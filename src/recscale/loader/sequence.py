@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from recscale.dataset import Interactions
-from recscale.errors import ConfigError, RunError
+from recscale.errors import ConfigError
 from recscale.loader.memory import positive_keys, sample_negatives
+from recscale.loader.position import EpochLoader
 from recscale.loader.world import World, partition
 
 __all__ = ["SequenceLoader", "last_items"]
@@ -52,7 +53,7 @@ def last_items(
     return window.astype(np.int64), index
 
 
-class SequenceLoader:
+class SequenceLoader(EpochLoader):
     """One row per user with at least two training items, each user once per epoch.
 
     Iterating yields the remaining batches of the current epoch as dicts of int64 tensors:
@@ -124,15 +125,6 @@ class SequenceLoader:
         self.epoch = 0
         self.batch = 0
 
-    @property
-    def rows_per_epoch(self) -> int:
-        """Users this rank reads per epoch (all ranks read the same number)."""
-        return -(-len(self.users) // self.world.world_size)
-
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        return -(-self.rows_per_epoch // self.batch_size)
-
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This rank's users for ``epoch``, in the order they are batched."""
         rng = np.random.default_rng([self.seed, epoch])
@@ -197,16 +189,3 @@ class SequenceLoader:
             "bucket_batches": self.bucket_batches,
             "world_size": self.world.world_size,
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        differ = [
-            k
-            for k in ("seed", "rows", "batch_size", "max_len", "bucket_batches", "world_size")
-            if state.get(k) != mine[k]
-        ]
-        if differ:
-            got = ", ".join(f"{k}={state.get(k)!r} (now {mine[k]!r})" for k in differ)
-            raise RunError(f"loader state is from another set-up: {got}")
-        self.epoch = int(state["epoch"])
-        self.batch = int(state["batch"])
