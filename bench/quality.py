@@ -79,11 +79,12 @@ BENCHES = {
     ),
     "beauty": Bench(
         "beauty",
-        "amazon-beauty-bert4rec",
+        "amazon-beauty-bert4rec/beauty.txt.gz",
         "leave-one-out (last item test, one before valid), full ranking",
         {"strategy": "leave-last", "k": 1},
         ("hr@10", "ndcg@10"),
-        ingest={"order_from_input": True},
+        # "user item" per line, each user's items in time order, no header
+        ingest={"order_from_input": True, "delimiter": " ", "header": False},
     ),
     "ml-latest-small": Bench(
         "ml-latest-small",
