@@ -41,7 +41,13 @@ NEGATIVE_SAMPLERS = ("uniform", "hard", "mix")
 
 @dataclasses.dataclass(frozen=True)
 class LightGCNParams:
-    """LightGCN hyper-parameters (the paper's: 64 dimensions, 3 layers)."""
+    """LightGCN hyper-parameters.
+
+    The defaults are the paper's (64 dimensions, 3 layers, BPR with one uniform negative, lr 1e-3,
+    L2 1e-4), which need hundreds of epochs. ``configs/gowalla/lightgcn.toml`` is the recipe that
+    trains in minutes on 2 CPU cores: 128 dimensions, MixGCF negatives from 32 candidates, lr 1e-2
+    annealed over 20 epochs of 8,192-row batches (figures in the README's results).
+    """
 
     dim: int = 64
     n_layers: int = 3
