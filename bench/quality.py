@@ -6,7 +6,8 @@ config in ``configs/<dataset>/<model>.toml`` (the same file ``recscale train --c
 per seed, each run in its own process so that its peak RSS is its own. It prints one table —
 dataset, model, metrics as mean ± std over the seeds, the published figure where one exists, train
 time and peak RSS — writes it to ``bench/out/quality.md`` and ``bench/out/quality.json``, draws
-``bench/out/quality.png``, and with ``--readme`` replaces the README's results table.
+``bench/out/quality.png``, and with ``--readme`` replaces those data sets' tables in the README's
+results (the other data sets' tables stay).
 
     python bench/quality.py                        # everything (hours on 2 cores)
     python bench/quality.py --datasets gowalla --models lightgcn,ease --seeds 0
@@ -237,13 +238,34 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table_sections(text: str) -> dict[str, str]:
+    """The per-data-set blocks of a table made by :func:`table`, by data-set name."""
+    sections: dict[str, str] = {}
+    for block in re.split(r"\n(?=\*\*[^*\n]+\*\* — )", "\n" + text.strip()):
+        match = re.match(r"\s*\*\*([^*\n]+)\*\* — ", block)
+        if match:
+            sections[match.group(1)] = block.strip()
+    return sections
+
+
 def update_readme(readme: Path, text: str) -> None:
+    """Replace the data sets of ``text`` in the README's results block; keep the others.
+
+    A run of one data set (``--datasets beauty``) so updates its own table without dropping
+    those measured in earlier runs; the blocks stay in the order of :data:`BENCHES`.
+    """
     start, end = "<!-- quality:start -->", "<!-- quality:end -->"
     content = readme.read_text()
     if start not in content or end not in content:
         raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
+    pattern = re.compile(re.escape(start) + "(.*?)" + re.escape(end), re.S)
+    match = pattern.search(content)
+    assert match is not None
+    sections = {**table_sections(match.group(1)), **table_sections(text)}
+    order = [name for name in BENCHES if name in sections]
+    order += [name for name in sections if name not in BENCHES]
+    merged = "\n\n".join(sections[name] for name in order)
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{merged}\n\n{end}", content))
 
 
 def main() -> None:
@@ -253,7 +275,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--readme", action="store_true", help="replace the README's table")
+    parser.add_argument(
+        "--readme", action="store_true", help="replace these data sets' tables in the README"
+    )
     parser.add_argument(
         "--cached-only",
         action="store_true",
