@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 export RECSCALE_DATA ?= $(abspath ../shared/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-quality clean
+.PHONY: help install demo test test-fast lint format bench bench-quality bench-time clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ bench: $(STAMP) ## ingest benchmark: recscale (DuckDB) vs pandas on a generated 
 
 bench-quality: $(STAMP) ## every model on every shared data set, 3 seeds; rewrites the README's results (hours)
 	$(BIN)/python bench/quality.py --readme
+
+bench-time: $(STAMP) ## LightGCN's Recall@20 against training time on Gowalla, 3 seeds (about an hour)
+	$(BIN)/python bench/time_to_quality.py
 
 clean: ## remove the virtualenv, caches and demo output
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out
