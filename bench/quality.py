@@ -30,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIGS = ROOT / "configs"
 OUT = HERE / "out"
+# the figures the README shows (bench/out is not kept in the repository)
+FIGURES = HERE / "figures"
 
 MODELS = (
     "popularity",
@@ -338,6 +340,9 @@ def main() -> None:
         plot(rows, args.out / "quality.png")
     if args.readme:
         update_readme(ROOT / "README.md", text)
+        FIGURES.mkdir(exist_ok=True)
+        for name in dict.fromkeys(r["dataset"] for r in rows):
+            plot([r for r in rows if r["dataset"] == name], FIGURES / f"quality-{name}.png")
 
 
 if __name__ == "__main__":
