@@ -13,6 +13,7 @@ from recscale.dataset import Interactions
 from recscale.errors import ConfigError, ModelError
 from recscale.models import EASE, EASEParams, ItemKNN, ItemKNNParams, Recommender
 from recscale.models.ease import (
+    binary_csr_mm,
     cooccurrence_blocks,
     ease_memory_bytes,
     ease_weights,
@@ -92,6 +93,38 @@ def test_ease_torch_route_equals_the_lapack_route() -> None:
     torch_route = ease_weights(x, 3.0, method="torch")
     torch.testing.assert_close(torch_route, lapack, rtol=1e-4, atol=1e-6)
     assert torch.count_nonzero(torch.diagonal(torch_route)) == 0
+
+
+@pytest.mark.parametrize("block_elements", [7, 24, 31, 10**6])
+def test_ease_scores_in_blocks_of_b_equal_the_whole_product(
+    monkeypatch: pytest.MonkeyPatch, block_elements: int
+) -> None:
+    """Scoring sums X @ B over blocks of B's rows (torch's kernel overflows past 2³¹ elements);
+    any block size gives X @ B, empty users and blocks no history falls in included."""
+    log = _random_log(40, 23, 0.15, seed=5)
+    users = np.array([3, 0, 39, 3, 17, 8], np.int64)
+    x = _dense(log)
+    x[8] = 0.0  # a user without history scores zero everywhere
+    keep = log.user_idx != 8
+    log = _interactions(log.user_idx[keep], log.item_idx[keep], 40, 23)
+    model = EASE(EASEParams(l2=5.0), 40, 23)
+    model.fit(log, progress=False)
+    monkeypatch.setattr("recscale.models.ease.DENSE_BLOCK_ELEMENTS", block_elements)
+    expected = x[users] @ model.weights.double().numpy()
+    np.testing.assert_allclose(model.score(users).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_products_with_more_than_2_31_dense_elements_are_in_bounds() -> None:
+    """The case that crashed: a 54,542² B (Amazon Beauty's catalogue) times histories holding the
+    first and the last item. Only the two rows the product reads are written, so the other 12 GB
+    are never touched and take no memory."""
+    n = 54_542
+    dense = torch.empty(n, n)
+    dense[0], dense[n - 1] = 0.0, 0.0
+    dense[n - 1, n - 2] = 3.0
+    out = binary_csr_mm(torch.tensor([0, 0, 2]), torch.tensor([0, n - 1]), dense)
+    assert out.shape == (2, n)
+    assert out[1, n - 2] == 3.0 and float(out.sum()) == 3.0
 
 
 def test_ease_refuses_a_catalogue_larger_than_the_memory_limit() -> None:

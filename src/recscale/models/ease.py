@@ -56,6 +56,8 @@ _UNITS = {
     "tib": 2**40,
 }
 _GIB = 2**30
+# the most elements of a dense operand torch's CSR × dense product addresses correctly
+DENSE_BLOCK_ELEMENTS = 2**31 - 1
 
 
 def parse_memory_size(value: str | int) -> int:
@@ -192,9 +194,8 @@ class EASE(Recommender):
         if self.weights is None:
             raise ModelError("ease is not fitted: call fit(train) or load a fitted state_dict")
         rows, positions = gather_rows(self.x_indptr, torch.from_numpy(users).to(self._device))
-        x = binary_csr(rows, self.x_indices[positions], (len(users), self.n_items))
         with torch.no_grad():
-            return torch.sparse.mm(x, self.weights)
+            return binary_csr_mm(rows, self.x_indices[positions], self.weights)
 
     def state_dict(self) -> dict[str, Any]:
         """``weights`` (B) and the observed histories; the tensors are shared, not copied.
@@ -411,6 +412,33 @@ def binary_csr(indptr: torch.Tensor, indices: torch.Tensor, size: tuple[int, int
             size=size,
             check_invariants=False,
         )
+
+
+def binary_csr_mm(indptr: torch.Tensor, indices: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``X @ dense`` for the binary CSR ``X`` of ``(indptr, indices)`` (as :func:`binary_csr`).
+
+    torch's CSR × dense kernel addresses the dense operand with 32-bit offsets and reads out of
+    bounds (a segfault) once it holds more than 2³¹ elements — EASE's ``B`` past 46,340 items —
+    so the product is summed over blocks of ``dense``'s rows that stay below that, each with the
+    entries of ``X`` in its columns.
+    """
+    n_rows = len(indptr) - 1
+    n_inner, n_cols = dense.shape
+    block = max(1, DENSE_BLOCK_ELEMENTS // max(n_cols, 1))
+    if n_inner <= block:
+        return torch.sparse.mm(binary_csr(indptr, indices, (n_rows, n_inner)), dense)
+    row_of = torch.repeat_interleave(
+        torch.arange(n_rows, device=indices.device), indptr.diff(), output_size=len(indices)
+    )
+    out = torch.zeros(n_rows, n_cols, dtype=dense.dtype, device=dense.device)
+    for start in range(0, n_inner, block):
+        stop = min(start + block, n_inner)
+        keep = (indices >= start) & (indices < stop)  # keeps the row order, so still CSR
+        block_indptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=indices.device)
+        torch.cumsum(torch.bincount(row_of[keep], minlength=n_rows), 0, out=block_indptr[1:])
+        x = binary_csr(block_indptr, indices[keep] - start, (n_rows, stop - start))
+        out += torch.sparse.mm(x, dense[start:stop])
+    return out
 
 
 def cooccurrence_blocks(
