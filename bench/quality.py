@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -250,24 +251,31 @@ def table_sections(text: str) -> dict[str, str]:
     return sections
 
 
+def replace_readme_block(readme: Path, marker: str, make: Callable[[str], str]) -> None:
+    """Replace what stands between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in the
+    README by ``make(what stood there)``."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    content = readme.read_text()
+    pattern = re.compile(re.escape(start) + "(.*?)" + re.escape(end), re.S)
+    if pattern.search(content) is None:
+        raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
+    readme.write_text(pattern.sub(lambda m: f"{start}\n{make(m.group(1))}\n{end}", content))
+
+
 def update_readme(readme: Path, text: str) -> None:
     """Replace the data sets of ``text`` in the README's results block; keep the others.
 
     A run of one data set (``--datasets beauty``) so updates its own table without dropping
     those measured in earlier runs; the blocks stay in the order of :data:`BENCHES`.
     """
-    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
-    content = readme.read_text()
-    if start not in content or end not in content:
-        raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
-    pattern = re.compile(re.escape(start) + "(.*?)" + re.escape(end), re.S)
-    match = pattern.search(content)
-    assert match is not None
-    sections = {**table_sections(match.group(1)), **table_sections(text)}
-    order = [name for name in BENCHES if name in sections]
-    order += [name for name in sections if name not in BENCHES]
-    merged = "\n\n".join(sections[name] for name in order)
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{merged}\n\n{end}", content))
+
+    def merge(old: str) -> str:
+        sections = {**table_sections(old), **table_sections(text)}
+        order = [name for name in BENCHES if name in sections]
+        order += [name for name in sections if name not in BENCHES]
+        return "\n\n".join(sections[name] for name in order) + "\n"
+
+    replace_readme_block(readme, "quality", merge)
 
 
 def main() -> None:

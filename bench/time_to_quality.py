@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import BENCHES, CONFIGS, FIGURES, OUT, ROOT, prepare
+from quality import BENCHES, CONFIGS, FIGURES, OUT, ROOT, prepare, replace_readme_block
 
 TARGET_RECALL = 0.18
 
@@ -267,16 +267,6 @@ def plot(ours: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def update_readme(readme: Path, text: str) -> None:
-    """Replace the README's time-to-quality block with ``text``."""
-    start, end = "<!-- time:start -->", "<!-- time:end -->"
-    content = readme.read_text()
-    if start not in content or end not in content:
-        raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -322,7 +312,7 @@ def main() -> None:
     )
     plot(ours, args.out / "time_to_quality.png")
     if args.readme:
-        update_readme(ROOT / "README.md", text)
+        replace_readme_block(ROOT / "README.md", "time", lambda _: text)
         FIGURES.mkdir(exist_ok=True)
         shutil.copyfile(args.out / "time_to_quality.png", FIGURES / "time_to_quality.png")
 
