@@ -392,3 +392,65 @@ def test_batch_loss_matches_a_position_by_position_computation(loss: str) -> Non
                 )
         expected = torch.stack(terms).mean()
         torch.testing.assert_close(model.batch_loss(batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_target_frequencies_count_every_next_item() -> None:
+    log, histories = sequences_log(LENGTHS)
+    model = create_model("sasrec", {"dim": 8, "max_len": 4}, len(LENGTHS), N_ITEMS)
+    model.prepare(log)
+    counts = np.zeros(N_ITEMS)
+    for history in histories:
+        for item in history[1:]:  # a user's first item is never predicted
+            counts[item] += 1
+    np.testing.assert_allclose(model.target_freq.numpy(), counts / counts.sum())
+
+
+def test_inclusion_probabilities_match_a_simulation_of_the_draws() -> None:
+    log, _ = sequences_log(LENGTHS)
+    params = {"dim": 8, "max_len": 4, "n_negatives": 5, "batch_negatives": True, "log_q": True}
+    model = create_model("sasrec", params, len(LENGTHS), N_ITEMS)
+    model.prepare(log)
+    n_targets, trials = 6, 40_000
+    rng = np.random.default_rng(0)
+    freq = model.target_freq.numpy()
+    seen = np.zeros(N_ITEMS)
+    for _ in range(trials):
+        uniform = rng.integers(0, N_ITEMS, 5)
+        targets = rng.choice(N_ITEMS, n_targets, p=freq)
+        seen[np.unique(np.concatenate([uniform, targets]))] += 1
+    q = torch.exp(model._log_inclusion(torch.arange(1, N_ITEMS + 1), n_targets)).numpy()
+    # binomial standard error over 40,000 trials is at most 0.0025
+    np.testing.assert_allclose(q, seen / trials, atol=0.01)
+    uniform_only = create_model(
+        "sasrec", {**params, "batch_negatives": False}, len(LENGTHS), N_ITEMS
+    )
+    q = torch.exp(uniform_only._log_inclusion(torch.arange(1, N_ITEMS + 1), n_targets))
+    torch.testing.assert_close(q, torch.full((N_ITEMS,), 1 - (1 - 1 / N_ITEMS) ** 5))
+
+
+def test_batch_negatives_with_log_q_match_a_position_by_position_computation() -> None:
+    model = small_model(n_negatives=4, batch_negatives=True, log_q=True)
+    model.target_freq.copy_(torch.linspace(1, 2, N_ITEMS, dtype=torch.float64) / 18)
+    seq = torch.tensor([[0, 0, 0, 0, 0, 0, 3, 7], [0, 0, 0, 0, 5, 1, 9, 4]])
+    pos = torch.tensor([[0, 0, 0, 0, 0, 0, 7, 2], [0, 0, 0, 0, 1, 9, 4, 5]])
+    shared = torch.tensor([2, 6, 11])
+    batch = {"users": torch.tensor([0, 1]), "seq": seq, "pos": pos, "shared_neg": shared}
+    targets = pos[pos > 0]
+    candidates = sorted(set(shared.tolist()) | set(targets.tolist()))
+    with torch.no_grad():
+        hidden = model.encode(seq)
+        table = model.item_emb.weight
+        terms = []
+        for b, j in torch.nonzero(pos).tolist():
+            h, t = hidden[b, j], int(pos[b, j])
+            p = h @ table[t]
+            logits = [p]
+            for n in candidates:
+                if n == t:
+                    continue
+                f = float(model.target_freq[n - 1])
+                miss = (1 - 1 / N_ITEMS) ** 4 * (1 - f) ** len(targets)
+                logits.append(h @ table[n] - np.log(1 - miss))
+            terms.append(torch.logsumexp(torch.stack(logits), 0) - p)
+        expected = torch.stack(terms).mean()
+        torch.testing.assert_close(model.batch_loss(batch), expected, rtol=1e-5, atol=1e-6)

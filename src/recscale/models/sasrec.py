@@ -79,6 +79,12 @@ class SASRecParams:
     # negatives per batch (sampled-softmax; the full softmax when >= the number of items) or
     # per position (bce, bpr); unused by "softmax"
     n_negatives: int = 4096
+    # sampled-softmax: the batch's own next items join the uniform draws as negatives, so the
+    # popular items that make up most of the full softmax's normaliser are scored in every batch
+    batch_negatives: bool = False
+    # sampled-softmax: weight each negative by 1 / P(it is in the batch's set), which makes the
+    # sampled normaliser an unbiased estimate of the full softmax's
+    log_q: bool = False
     init_std: float = 0.02
     # batches whose users are sorted by history length together (SequenceLoader); 0 = off
     bucket_batches: int = 32
@@ -191,12 +197,23 @@ class SASRec(TorchRecommender):
         self.register_buffer(
             "history", torch.zeros(n_users, params.max_len, dtype=torch.int64), persistent=True
         )
+        # each item's share of the next items to predict in training (set by prepare)
+        self.register_buffer(
+            "target_freq", torch.zeros(n_items, dtype=torch.float64), persistent=False
+        )
 
     # ----------------------------------------------------------------- histories
 
     def prepare(self, train: Interactions, items: pa.Table | None = None) -> None:
         self._check_train(train)
         self.observe(train)
+        # how often each item is a next item to predict: the batch negatives' proposal
+        indptr, seq_items = train.sequences()
+        firsts = indptr[:-1][np.diff(indptr) > 0]
+        is_target = np.ones(len(seq_items), dtype=bool)
+        is_target[firsts] = False
+        counts = np.bincount(seq_items[is_target], minlength=self.n_items).astype(np.float64)
+        self.target_freq.copy_(torch.from_numpy(counts / max(counts.sum(), 1.0)))
 
     def observe(self, history: Interactions) -> None:
         """Keep each user's last ``max_len`` items of ``history`` (in time order) for scoring."""
@@ -260,7 +277,9 @@ class SASRec(TorchRecommender):
         if self.full_softmax:
             negatives = target[:0]  # every item is scored, none is looked up
         elif loss == "sampled-softmax":
-            negatives = batch["shared_neg"]  # (n,) for every position
+            negatives = batch["shared_neg"]  # (n,) for every position, sorted and unique
+            if self.params.batch_negatives:
+                negatives = torch.unique(torch.cat([negatives, target]))
         else:
             negatives = cells["neg"][real]  # (N, n), per position
         # one lookup for inputs, targets and negatives: each lookup's backward fills a gradient
@@ -283,13 +302,36 @@ class SASRec(TorchRecommender):
             col = torch.searchsorted(negatives, target).clamp_(max=len(negatives) - 1)
             row = torch.nonzero(negatives[col] == target).squeeze(1)
             neg = neg.index_put((row, col[row]), neg.new_tensor(-torch.inf))
-            return sampled_softmax_loss(pos, neg)
+            log_q = self._log_inclusion(negatives, len(target)) if self.params.log_q else None
+            return sampled_softmax_loss(pos, neg, log_q_neg=log_q)
         neg_emb = neg_emb.view(len(target), -1, self.params.dim)
         neg = torch.bmm(neg_emb, h.unsqueeze(2)).squeeze(2)  # (N, n)
         if loss == "bpr":
             return bpr_loss(pos, neg)
         # bce: -log σ(pos) - mean log(1 - σ(neg)), softplus for stability
         return (F.softplus(-pos) + F.softplus(neg).mean(dim=1)).mean()
+
+    def _log_inclusion(self, negatives: torch.Tensor, n_targets: int) -> torch.Tensor:
+        """log P(item ∈ the batch's negatives) for each of ``negatives`` (shifted ids).
+
+        An item is missed by ``n_negatives`` uniform draws with probability ``(1 - 1/N)^n`` and,
+        with ``batch_negatives``, by the batch's ``n_targets`` next items with probability
+        ``(1 - f)^n_targets`` where ``f`` is its share of all next items in training.
+        """
+        log_miss = self.params.n_negatives * math.log1p(-1.0 / self.n_items)
+        log_miss = torch.full(
+            negatives.shape, log_miss, dtype=torch.float64, device=negatives.device
+        )
+        if self.params.batch_negatives:
+            freq = self.target_freq[negatives - 1]
+            log_miss = log_miss + n_targets * torch.log1p(-freq.clamp(max=1 - 1e-12))
+        # log(1 - e^x) for x < 0, stable near 0 and near -inf
+        log_in = torch.where(
+            log_miss > -math.log(2),
+            torch.log(-torch.expm1(log_miss)),
+            torch.log1p(-torch.exp(log_miss)),
+        )
+        return log_in.to(torch.float32)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         # decoupled decay (AdamW) on the weight matrices only: not on norms, biases or padding
