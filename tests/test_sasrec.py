@@ -339,6 +339,14 @@ def test_learns_a_deterministic_next_item(loss: str, tmp_path: Path) -> None:
         ({"loss": "ce"}, r"loss: got 'ce'; expected one of 'softmax', 'sampled-softmax'"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
         ({"max_len": 0}, r"max_len must be > 0, got 0"),
+        (
+            {"loss": "bce", "log_q": True},
+            r"log_q applies to loss 'sampled-softmax' only, not 'bce'",
+        ),
+        (
+            {"loss": "softmax", "batch_negatives": True},
+            r"batch_negatives applies to loss 'sampled-softmax' only, not 'softmax'",
+        ),
     ],
 )
 def test_bad_hyper_parameters(params: dict[str, object], message: str) -> None:

@@ -71,8 +71,8 @@ class SASRecParams:
     a GPU, not the default. ``configs/beauty/sasrec.toml`` adds ``batch_negatives`` and
     ``log_q`` (valid NDCG@10 0.033 after 3 epochs against 0.027 with uniform draws alone, but
     over-fitting after epoch 7 at dropout 0.2), dropout 0.5 and 30 epochs: HR@10 0.0510 ± 0.0007,
-    NDCG@10 0.0305 ± 0.0005 over 3 seeds, against EASE's 0.0481 / 0.0266. On ml-latest-small (real times, leave-last, ``max_len`` 200, batch
-    64): HR@10 0.1028, NDCG@10 0.0588 against MF-BPR 0.0745 / 0.0433 and iALS 0.0715 / 0.0339.
+    NDCG@10 0.0305 ± 0.0005 over 3 seeds, against EASE's 0.0481 / 0.0266. On ml-latest-small
+    (real times, leave-last, ``max_len`` 200, batch 64): HR@10 0.1028, NDCG@10 0.0588 against MF-BPR 0.0745 / 0.0433 and iALS 0.0715 / 0.0339.
     """
 
     max_len: int = 50
@@ -118,6 +118,12 @@ class SASRecParams:
                 f"model sasrec: loss {self.loss!r} is unknown; expected one of "
                 + ", ".join(repr(x) for x in losses)
             )
+        for name in ("batch_negatives", "log_q"):
+            if getattr(self, name) and self.loss != "sampled-softmax":
+                raise ConfigError(
+                    f"model sasrec: {name} applies to loss 'sampled-softmax' only, "
+                    f"not {self.loss!r}"
+                )
 
 
 class _Block(torch.nn.Module):
