@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -366,40 +366,48 @@ def test_which_negatives_the_loader_draws() -> None:
     assert (exact.n_negatives, exact.shared_negatives, exact.full_softmax) == (0, 0, True)
 
 
+# two left-padded rows and their next items: what the position-by-position references read
+SEQ = torch.tensor([[0, 0, 0, 0, 0, 0, 3, 7], [0, 0, 0, 0, 5, 1, 9, 4]])
+POS = torch.tensor([[0, 0, 0, 0, 0, 0, 7, 2], [0, 0, 0, 0, 1, 9, 4, 5]])
+
+
+def position_by_position(model: SASRec, term: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Mean of ``term(b, j, h, t, p, table)`` over the real positions ``(b, j)`` of ``POS``:
+    ``h`` the hidden state, ``t`` the target, ``p`` its score."""
+    with torch.no_grad():
+        hidden = model.encode(SEQ)
+        table = model.item_emb.weight
+        terms = []
+        for b, j in torch.nonzero(POS).tolist():
+            h, t = hidden[b, j], int(POS[b, j])
+            terms.append(term(b, j, h, t, h @ table[t], table))
+        return torch.stack(terms).mean()
+
+
 @pytest.mark.parametrize("loss", ["softmax", "sampled-softmax", "bce", "bpr"])
 def test_batch_loss_matches_a_position_by_position_computation(loss: str) -> None:
     model = small_model(loss=loss, n_negatives=3)
-    seq = torch.tensor([[0, 0, 0, 0, 0, 0, 3, 7], [0, 0, 0, 0, 5, 1, 9, 4]])
-    pos = torch.tensor([[0, 0, 0, 0, 0, 0, 7, 2], [0, 0, 0, 0, 1, 9, 4, 5]])
-    batch = {"users": torch.tensor([0, 1]), "seq": seq, "pos": pos}
+    batch = {"users": torch.tensor([0, 1]), "seq": SEQ, "pos": POS}
     generator = torch.Generator().manual_seed(3)
     batch["neg"] = (
-        torch.randint(1, N_ITEMS + 1, (2, 8, 3), generator=generator) * (seq > 0)[..., None]
+        torch.randint(1, N_ITEMS + 1, (2, 8, 3), generator=generator) * (SEQ > 0)[..., None]
     )
     # 5 and 9 are targets of the second row: they must not count as their own negatives
     batch["shared_neg"] = torch.tensor([2, 5, 9, 11])
-    with torch.no_grad():
-        hidden = model.encode(seq)
-        table = model.item_emb.weight
-        terms = []
-        for b, j in torch.nonzero(pos).tolist():
-            h, t = hidden[b, j], int(pos[b, j])
-            p = h @ table[t]
-            if loss == "softmax":
-                logits = table[1:] @ h
-                terms.append(torch.logsumexp(logits, 0) - logits[t - 1])
-            elif loss == "sampled-softmax":
-                negs = [n for n in batch["shared_neg"].tolist() if n != t]
-                logits = torch.stack([p, *(h @ table[n] for n in negs)])
-                terms.append(torch.logsumexp(logits, 0) - p)
-            else:
-                n = table[batch["neg"][b, j]] @ h
-                softplus = torch.nn.functional.softplus
-                terms.append(
-                    softplus(-p) + softplus(n).mean() if loss == "bce" else softplus(n - p).mean()
-                )
-        expected = torch.stack(terms).mean()
-        torch.testing.assert_close(model.batch_loss(batch), expected, rtol=1e-5, atol=1e-6)
+    softplus = torch.nn.functional.softplus
+
+    def term(b: int, j: int, h: torch.Tensor, t: int, p: torch.Tensor, table: torch.Tensor):
+        if loss == "softmax":
+            logits = table[1:] @ h
+            return torch.logsumexp(logits, 0) - logits[t - 1]
+        if loss == "sampled-softmax":
+            negs = [n for n in batch["shared_neg"].tolist() if n != t]
+            return torch.logsumexp(torch.stack([p, *(h @ table[n] for n in negs)]), 0) - p
+        n = table[batch["neg"][b, j]] @ h
+        return softplus(-p) + softplus(n).mean() if loss == "bce" else softplus(n - p).mean()
+
+    expected = position_by_position(model, term)
+    torch.testing.assert_close(model.batch_loss(batch), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_target_frequencies_count_every_next_item() -> None:
@@ -439,26 +447,19 @@ def test_inclusion_probabilities_match_a_simulation_of_the_draws() -> None:
 def test_batch_negatives_with_log_q_match_a_position_by_position_computation() -> None:
     model = small_model(n_negatives=4, batch_negatives=True, log_q=True)
     model.target_freq.copy_(torch.linspace(1, 2, N_ITEMS, dtype=torch.float64) / 18)
-    seq = torch.tensor([[0, 0, 0, 0, 0, 0, 3, 7], [0, 0, 0, 0, 5, 1, 9, 4]])
-    pos = torch.tensor([[0, 0, 0, 0, 0, 0, 7, 2], [0, 0, 0, 0, 1, 9, 4, 5]])
     shared = torch.tensor([2, 6, 11])
-    batch = {"users": torch.tensor([0, 1]), "seq": seq, "pos": pos, "shared_neg": shared}
-    targets = pos[pos > 0]
+    batch = {"users": torch.tensor([0, 1]), "seq": SEQ, "pos": POS, "shared_neg": shared}
+    targets = POS[POS > 0]
     candidates = sorted(set(shared.tolist()) | set(targets.tolist()))
-    with torch.no_grad():
-        hidden = model.encode(seq)
-        table = model.item_emb.weight
-        terms = []
-        for b, j in torch.nonzero(pos).tolist():
-            h, t = hidden[b, j], int(pos[b, j])
-            p = h @ table[t]
-            logits = [p]
-            for n in candidates:
-                if n == t:
-                    continue
+
+    def term(b: int, j: int, h: torch.Tensor, t: int, p: torch.Tensor, table: torch.Tensor):
+        logits = [p]
+        for n in candidates:
+            if n != t:
                 f = float(model.target_freq[n - 1])
                 miss = (1 - 1 / N_ITEMS) ** 4 * (1 - f) ** len(targets)
                 logits.append(h @ table[n] - np.log(1 - miss))
-            terms.append(torch.logsumexp(torch.stack(logits), 0) - p)
-        expected = torch.stack(terms).mean()
-        torch.testing.assert_close(model.batch_loss(batch), expected, rtol=1e-5, atol=1e-6)
+        return torch.logsumexp(torch.stack(logits), 0) - p
+
+    expected = position_by_position(model, term)
+    torch.testing.assert_close(model.batch_loss(batch), expected, rtol=1e-5, atol=1e-6)
