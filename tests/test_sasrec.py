@@ -412,7 +412,8 @@ def test_batch_loss_matches_a_position_by_position_computation(loss: str) -> Non
 
 def test_target_frequencies_count_every_next_item() -> None:
     log, histories = sequences_log(LENGTHS)
-    model = create_model("sasrec", {"dim": 8, "max_len": 4}, len(LENGTHS), N_ITEMS)
+    params = {"dim": 8, "max_len": 4, "batch_negatives": True}
+    model = create_model("sasrec", params, len(LENGTHS), N_ITEMS)
     model.prepare(log)
     counts = np.zeros(N_ITEMS)
     for history in histories:

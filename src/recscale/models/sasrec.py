@@ -210,7 +210,8 @@ class SASRec(TorchRecommender):
         self.register_buffer(
             "history", torch.zeros(n_users, params.max_len, dtype=torch.int64), persistent=True
         )
-        # each item's share of the next items to predict in training (set by prepare)
+        # each item's share of the next items to predict in training (set by prepare when
+        # batch_negatives is on)
         self.register_buffer(
             "target_freq", torch.zeros(n_items, dtype=torch.float64), persistent=False
         )
@@ -220,7 +221,11 @@ class SASRec(TorchRecommender):
     def prepare(self, train: Interactions, items: pa.Table | None = None) -> None:
         self._check_train(train)
         self.observe(train)
-        # how often each item is a next item to predict: the batch negatives' proposal
+        if self.params.batch_negatives:
+            self._count_targets(train)
+
+    def _count_targets(self, train: Interactions) -> None:
+        """Each item's share of the next items to predict: the batch negatives' proposal."""
         indptr, seq_items = train.sequences()
         firsts = indptr[:-1][np.diff(indptr) > 0]
         is_target = np.ones(len(seq_items), dtype=bool)
@@ -338,13 +343,8 @@ class SASRec(TorchRecommender):
         if self.params.batch_negatives:
             freq = self.target_freq[negatives - 1]
             log_miss = log_miss + n_targets * torch.log1p(-freq.clamp(max=1 - 1e-12))
-        # log(1 - e^x) for x < 0, stable near 0 and near -inf
-        log_in = torch.where(
-            log_miss > -math.log(2),
-            torch.log(-torch.expm1(log_miss)),
-            torch.log1p(-torch.exp(log_miss)),
-        )
-        return log_in.to(torch.float32)
+        # log(1 - e^x): expm1 keeps the small inclusion probabilities of rare items exact
+        return torch.log(-torch.expm1(log_miss)).to(torch.float32)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         # decoupled decay (AdamW) on the weight matrices only: not on norms, biases or padding
