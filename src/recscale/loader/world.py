@@ -1,4 +1,9 @@
-"""Who reads what: the explicit World of a training process and the pure partition function."""
+"""Who reads what: the explicit World of a reader and the pure partition function.
+
+A reader is one DataLoader worker of one training process: worker ``worker`` of
+``num_workers`` on rank ``rank`` of ``world_size``. The main process of a rank without workers is
+worker 0 of 1.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +20,12 @@ __all__ = ["World", "partition"]
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """This process's place among the training processes: ``rank`` of ``world_size``."""
+    """A reader's place: ``rank`` of ``world_size`` processes, ``worker`` of ``num_workers``."""
 
     rank: int = 0
     world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -26,6 +33,20 @@ class World:
                 f"world: rank must be in 0..world_size-1 and world_size >= 1, "
                 f"got rank={self.rank}, world_size={self.world_size}"
             )
+        if self.num_workers < 1 or not 0 <= self.worker < self.num_workers:
+            raise ConfigError(
+                f"world: worker must be in 0..num_workers-1 and num_workers >= 1, "
+                f"got worker={self.worker}, num_workers={self.num_workers}"
+            )
+
+    @property
+    def readers(self) -> int:
+        """Readers in the whole world: every worker of every rank."""
+        return self.world_size * self.num_workers
+
+    def with_worker(self, worker: int, num_workers: int) -> World:
+        """This rank's world seen from one of its DataLoader workers."""
+        return World(self.rank, self.world_size, worker, num_workers)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> World:
