@@ -17,56 +17,13 @@ import torch
 
 from recscale.dataset import Interactions
 from recscale.errors import ConfigError
+from recscale.loader.negatives import positive_keys, sample_negatives
 from recscale.loader.position import EpochLoader
 from recscale.loader.world import World, partition
 
-__all__ = ["InMemoryLoader", "is_positive", "positive_keys", "sample_negatives"]
-
-# Resampling rounds before giving up on a collision: a user who has interacted with a fraction p of
-# the catalogue keeps a positive after r rounds with probability p**r, so only users who have seen
-# nearly every item can be left with one, and looping on them forever would hang training.
-MAX_REJECTION_ROUNDS = 50
+__all__ = ["InMemoryLoader"]
 
 SAMPLINGS = ("interactions", "users")
-
-
-def positive_keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
-    """Sorted unique ``user * n_items + item`` keys: membership tests by binary search."""
-    return np.unique(users.astype(np.int64) * n_items + items.astype(np.int64))
-
-
-def is_positive(users: np.ndarray, items: np.ndarray, keys: np.ndarray, n_items: int) -> np.ndarray:
-    """Whether each (user, item) pair (broadcast together) is among ``keys``."""
-    query = users.astype(np.int64) * n_items + items.astype(np.int64)
-    if len(keys) == 0:
-        return np.zeros(query.shape, dtype=bool)
-    at = np.searchsorted(keys, query)
-    return keys[np.minimum(at, len(keys) - 1)] == query
-
-
-def sample_negatives(
-    users: np.ndarray,
-    n_negatives: int,
-    n_items: int,
-    rng: np.random.Generator,
-    keys: np.ndarray | None = None,
-) -> np.ndarray:
-    """Uniform negative items, ``(len(users), n_negatives)`` int64.
-
-    With ``keys`` (see :func:`positive_keys`) the draws that hit one of the user's positives are
-    redrawn, only those, for at most ``MAX_REJECTION_ROUNDS`` rounds.
-    """
-    neg = rng.integers(0, n_items, size=(len(users), n_negatives), dtype=np.int64)
-    if keys is None:
-        return neg
-    rows, cols = np.nonzero(is_positive(users[:, None], neg, keys, n_items))
-    for _ in range(MAX_REJECTION_ROUNDS):
-        if len(rows) == 0:
-            break
-        neg[rows, cols] = rng.integers(0, n_items, size=len(rows), dtype=np.int64)
-        still = is_positive(users[rows], neg[rows, cols], keys, n_items)
-        rows, cols = rows[still], cols[still]
-    return neg
 
 
 class InMemoryLoader(EpochLoader):

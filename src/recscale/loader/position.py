@@ -24,6 +24,8 @@ class EpochLoader:
     world: World
     epoch: int
     batch: int
+    # what moves during training; every other key of the state must match on resume
+    POSITION_KEYS: tuple[str, ...] = ("epoch", "batch")
 
     @property
     def rows_per_epoch(self) -> int:
@@ -39,7 +41,7 @@ class EpochLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        differ = [k for k in mine if k not in ("epoch", "batch") and state.get(k) != mine[k]]
+        differ = [k for k in mine if k not in self.POSITION_KEYS and state.get(k) != mine[k]]
         if differ:
             got = ", ".join(f"{k}={state.get(k)!r} (now {mine[k]!r})" for k in differ)
             raise RunError(f"loader state is from another set-up: {got}")

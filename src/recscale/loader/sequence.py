@@ -23,7 +23,7 @@ import torch
 
 from recscale.dataset import Interactions
 from recscale.errors import ConfigError
-from recscale.loader.memory import positive_keys, sample_negatives
+from recscale.loader.negatives import positive_keys, sample_negatives
 from recscale.loader.position import EpochLoader
 from recscale.loader.world import World, partition
 

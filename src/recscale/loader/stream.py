@@ -1,0 +1,496 @@
+"""Batches streamed from the Parquet row groups of a split part, in bounded memory.
+
+An epoch is planned by pure functions of ``(seed, epoch, World)``; nothing else decides a batch:
+
+1. **Row-group order.** The part's row groups are shuffled per epoch (``seed, epoch``) and read
+   as one stream of ``N`` rows.
+2. **Sharding.** The stream is cut into ``world_size`` contiguous ranges of ``ceil(N / W)`` rows
+   (the last one is topped up from the start of the stream, so data-parallel ranks step in
+   lockstep), and each range into ``num_workers`` contiguous sub-ranges, one per DataLoader
+   worker (:func:`reader_range`, :func:`reader_spans`). Contiguous ranges mean a reader decodes
+   only its own row groups, plus at most two it shares with a neighbour.
+3. **Shuffle buffer.** A reader reads its range in windows of ``shuffle_buffer`` rows and emits
+   each window in a seeded random order. With the row-group shuffle, a batch mixes rows from
+   everywhere in the part while memory holds one window and one decoded row group.
+4. **Batches.** Batch ``k`` of a reader is rows ``k * B .. (k + 1) * B`` of its shuffled stream;
+   its negatives come from a generator seeded with ``(seed, epoch, rank, worker, k)``.
+
+The position is therefore just ``(epoch, batches handed out)``: from it
+:func:`interleave_position` recovers how far each worker had got, and a resumed loader re-reads
+only the window each worker stopped in. Batches are dicts of int64 tensors, ``users (B,)``,
+``pos (B,)``, ``neg (B, n_negatives)``, the protocol of :class:`~recscale.loader.InMemoryLoader`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from recscale.errors import ConfigError, DatasetError
+from recscale.loader.negatives import (
+    NEGATIVE_SAMPLERS,
+    popularity_cdf,
+    sample_negatives,
+)
+from recscale.loader.position import EpochLoader
+from recscale.loader.world import World
+
+__all__ = [
+    "ParquetStream",
+    "RowGroups",
+    "StreamLoader",
+    "interleave_position",
+    "reader_range",
+    "reader_spans",
+]
+
+USER, ITEM = "user_idx", "item_idx"
+# generator streams of one reader: window orders and batch negatives never share draws
+_WINDOW_STREAM, _NEGATIVE_STREAM = 0, 1
+
+
+class RowGroups:
+    """The row groups of a set of Parquet files: which file, which group, how many rows."""
+
+    def __init__(self, files: Sequence[str | Path]) -> None:
+        self.paths = [str(f) for f in files]
+        if not self.paths:
+            raise DatasetError("stream: no Parquet files to read")
+        file_of, group_of, rows = [], [], []
+        for f, path in enumerate(self.paths):
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise DatasetError(f"{path}: unreadable Parquet: {exc}") from None
+            names = set(meta.schema.names)
+            missing = {USER, ITEM} - names
+            if missing:
+                raise DatasetError(
+                    f"{path}: no column {', '.join(sorted(missing))}; "
+                    "expected a split part of a recscale dataset"
+                )
+            for g in range(meta.num_row_groups):
+                file_of.append(f)
+                group_of.append(g)
+                rows.append(meta.row_group(g).num_rows)
+        self.file = np.asarray(file_of, dtype=np.int64)
+        self.group = np.asarray(group_of, dtype=np.int64)
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    @classmethod
+    def of_directory(cls, directory: str | Path) -> RowGroups:
+        """Every ``part-*.parquet`` of a split part (e.g. ``splits/<name>/train``)."""
+        files = sorted(Path(directory).glob("part-*.parquet"))
+        if not files:
+            raise DatasetError(f"{directory}: no part-*.parquet files")
+        return cls(files)
+
+    @property
+    def total(self) -> int:
+        return int(self.rows.sum())
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def reader_range(n_rows: int, world: World) -> tuple[int, int]:
+    """Positions ``[lo, hi)`` of the epoch's stream that ``world``'s reader reads.
+
+    Rank ``r`` reads ``[r * P, (r + 1) * P)`` with ``P = ceil(n_rows / world_size)``; positions
+    past ``n_rows`` wrap to the start (fewer than ``world_size`` rows, all on the last rank).
+    Its workers split that range into contiguous pieces whose sizes differ by at most one.
+    """
+    per_rank = -(-n_rows // world.world_size)
+    start = world.rank * per_rank
+    k = world.num_workers
+    return start + per_rank * world.worker // k, start + per_rank * (world.worker + 1) // k
+
+
+def reader_spans(rows: np.ndarray, world: World, seed: int, epoch: int) -> np.ndarray:
+    """What ``world``'s reader reads in ``epoch``: ``(n, 3)`` int64 rows ``(group, start, stop)``.
+
+    ``group`` indexes ``rows`` (the row counts of the row groups); ``start:stop`` is the slice of
+    that group, in reading order. Over all readers of a world every row appears exactly once
+    when ``world_size`` divides the row count (else the top-up repeats fewer than
+    ``world_size`` rows).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+    sizes = rows[order]
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    n = int(ends[-1]) if len(ends) else 0
+    lo, hi = reader_range(n, world)
+    pieces = []
+    while lo < hi:  # once, or more when the range wraps past the end of the stream
+        base = lo // n * n
+        a, b = lo - base, min(hi - base, n)
+        first = np.searchsorted(ends, a, side="right")
+        last = np.searchsorted(starts, b, side="left")
+        g = np.arange(first, last)
+        s, e = np.maximum(starts[g], a) - starts[g], np.minimum(ends[g], b) - starts[g]
+        keep = e > s  # empty row groups hold nothing to read
+        pieces.append(np.stack([order[g][keep], s[keep], e[keep]], axis=1))
+        lo = base + b
+    if not pieces:
+        return np.zeros((0, 3), dtype=np.int64)
+    return np.concatenate(pieces).astype(np.int64)
+
+
+def interleave_position(counts: Sequence[int], consumed: int) -> tuple[np.ndarray, int]:
+    """Batches each worker had handed out after ``consumed`` batches, and who hands out next.
+
+    A DataLoader over an ``IterableDataset`` takes one batch from each worker in turn and skips
+    workers that have run out, so the ``t``-th batch is the ``t``-th pair ``(round, worker)``
+    in lexicographic order among workers with more than ``round`` batches.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if consumed >= counts.sum():
+        return counts.copy(), 0
+    lo, hi = 0, int(counts.max())  # full rounds: the largest J with sum(min(counts, J)) <= consumed
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if np.minimum(counts, mid).sum() <= consumed:
+            lo = mid
+        else:
+            hi = mid - 1
+    emitted = np.minimum(counts, lo)
+    alive = np.flatnonzero(counts > lo)
+    extra = consumed - int(emitted.sum())
+    emitted[alive[:extra]] += 1
+    return emitted, int(alive[extra])
+
+
+class ParquetStream(IterableDataset):
+    """The batches of one epoch, for a DataLoader with ``batch_size=None`` (or iterated directly).
+
+    Built by :class:`StreamLoader`, which gives each epoch its own instance: ``start[w]`` is the
+    number of batches worker ``w`` has already handed out this epoch and ``rotation`` the worker
+    that hands out the next one (DataLoader worker ``i`` plays worker ``(i + rotation) % K``, so
+    a resumed epoch continues in the order an uninterrupted one would).
+    """
+
+    def __init__(
+        self,
+        groups: RowGroups,
+        *,
+        n_items: int,
+        batch_size: int,
+        n_negatives: int,
+        shuffle_buffer: int,
+        seed: int,
+        epoch: int,
+        world: World,
+        num_workers: int,
+        keys: np.ndarray | None,
+        cdf: np.ndarray | None,
+        start: Sequence[int],
+        rotation: int,
+    ) -> None:
+        super().__init__()
+        self.groups = groups
+        self.n_items = n_items
+        self.batch_size = batch_size
+        self.n_negatives = n_negatives
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = epoch
+        self.world = world
+        self.num_workers = num_workers
+        self.keys = keys
+        self.cdf = cdf
+        self.start = list(start)
+        self.rotation = rotation
+        self._files: dict[int, pq.ParquetFile] = {}
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def reader_world(self) -> World:
+        """The World of whoever iterates: a DataLoader worker, or the main process."""
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        return self.world.with_worker((worker + self.rotation) % self.num_workers, self.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        world = self.reader_world()
+        spans = reader_spans(self.groups.rows, world, self.seed, self.epoch)
+        b = self.batch_size
+        first = self.start[world.worker]
+        pending_u: list[np.ndarray] = []
+        pending_i: list[np.ndarray] = []
+        pending = 0
+        k = first
+        for users, items in self._shuffled(spans, world, first * b):
+            pending_u.append(users)
+            pending_i.append(items)
+            pending += len(users)
+            if pending < b:
+                continue
+            u, i = np.concatenate(pending_u), np.concatenate(pending_i)
+            cut = pending - pending % b
+            for at in range(0, cut, b):
+                yield self._batch(u[at : at + b], i[at : at + b], world, k)
+                k += 1
+            pending_u, pending_i, pending = [u[cut:]], [i[cut:]], pending - cut
+        if pending:
+            yield self._batch(np.concatenate(pending_u), np.concatenate(pending_i), world, k)
+
+    def _shuffled(
+        self, spans: np.ndarray, world: World, skip: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The reader's rows from position ``skip`` on, window by window, each window shuffled."""
+        lengths = spans[:, 2] - spans[:, 1]
+        span_end = np.cumsum(lengths)
+        span_start = span_end - lengths
+        total = int(span_end[-1]) if len(span_end) else 0
+        window = self.shuffle_buffer
+        for j in range(skip // window, -(-total // window)):
+            lo, hi = j * window, min((j + 1) * window, total)
+            users, items = [], []
+            for s in np.flatnonzero((span_start < hi) & (span_end > lo)):
+                group, a, _ = spans[s]
+                # the part of span s inside the window, as offsets into its row group
+                begin = a + max(lo - span_start[s], 0)
+                end = a + min(hi, span_end[s]) - span_start[s]
+                u, i = self._row_group(int(group))
+                users.append(u[begin:end])
+                items.append(i[begin:end])
+            u, i = np.concatenate(users), np.concatenate(items)
+            rng = np.random.default_rng(
+                [self.seed, self.epoch, world.rank, world.worker, _WINDOW_STREAM, j]
+            )
+            order = rng.permutation(len(u))
+            if j == skip // window:
+                order = order[skip - lo :]
+            yield u[order], i[order]
+
+    def _row_group(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """Users and items of one row group; the last one decoded is kept (spans share groups)."""
+        if self._cached is not None and self._cached[0] == group:
+            return self._cached[1], self._cached[2]
+        f = int(self.groups.file[group])
+        if f not in self._files:
+            self._files[f] = pq.ParquetFile(self.groups.paths[f])
+        table = self._files[f].read_row_group(
+            int(self.groups.group[group]), columns=[USER, ITEM], use_threads=False
+        )
+        users = table.column(USER).to_numpy().astype(np.int64)
+        items = table.column(ITEM).to_numpy().astype(np.int64)
+        self._cached = (group, users, items)
+        return users, items
+
+    def _batch(
+        self, users: np.ndarray, items: np.ndarray, world: World, k: int
+    ) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng(
+            [self.seed, self.epoch, world.rank, world.worker, _NEGATIVE_STREAM, k]
+        )
+        neg = sample_negatives(users, self.n_negatives, self.n_items, rng, self.keys, self.cdf)
+        return {
+            "users": torch.from_numpy(users),
+            "pos": torch.from_numpy(items),
+            "neg": torch.from_numpy(neg),
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        # open files and the decoded row group stay with the process that opened them
+        state = self.__dict__.copy()
+        state["_files"], state["_cached"] = {}, None
+        return state
+
+
+class StreamLoader(EpochLoader):
+    """Training batches streamed from a split part's Parquet files (see the module docstring).
+
+    ``batch_size`` is what this rank takes per step. ``negatives`` is ``"uniform"`` or
+    ``"popularity"`` (∝ count ** ``popularity_exponent``, counted in one pass over the items).
+    ``reject_positives`` redraws negatives the user has interacted with; it holds the part's
+    sorted (user, item) keys, 8 bytes per row, the one thing here that grows with the data.
+    ``num_workers`` DataLoader worker processes read and batch in parallel; ``pin_memory`` pins
+    the batches for a fast copy to CUDA.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | RowGroups,
+        *,
+        n_items: int,
+        batch_size: int,
+        n_negatives: int = 1,
+        negatives: str = "uniform",
+        popularity_exponent: float = 0.75,
+        shuffle_buffer: int = 1_000_000,
+        num_workers: int = 0,
+        seed: int = 0,
+        reject_positives: bool = True,
+        world: World | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        if batch_size <= 0 or n_negatives <= 0 or shuffle_buffer <= 0:
+            raise ConfigError(
+                "stream loader: batch_size, n_negatives and shuffle_buffer must be > 0, got "
+                f"{batch_size}, {n_negatives} and {shuffle_buffer}"
+            )
+        if num_workers < 0:
+            raise ConfigError(f"stream loader: num_workers must be >= 0, got {num_workers}")
+        if negatives not in NEGATIVE_SAMPLERS:
+            raise ConfigError(
+                f"stream loader: negatives {negatives!r} is unknown; expected one of "
+                + ", ".join(NEGATIVE_SAMPLERS)
+            )
+        self.groups = source if isinstance(source, RowGroups) else RowGroups.of_directory(source)
+        self.n_items = n_items
+        self.batch_size = batch_size
+        self.n_negatives = n_negatives
+        self.negatives = negatives
+        self.shuffle_buffer = shuffle_buffer
+        self.num_workers = num_workers
+        self.seed = seed
+        self.reject_positives = reject_positives
+        self.world = World(world.rank, world.world_size) if world else World()
+        self.pin_memory = pin_memory
+        self.cdf = (
+            popularity_cdf(self._item_counts(), popularity_exponent)
+            if negatives == "popularity"
+            else None
+        )
+        self.keys = self._positive_keys() if reject_positives else None
+        self.epoch = 0
+        self.batch = 0
+
+    # where each reader reads next follows from (epoch, batch): it is recorded, not checked
+    POSITION_KEYS = ("epoch", "batch", "readers")
+
+    @property
+    def readers(self) -> int:
+        """Readers on this rank: its DataLoader workers, or the main process alone."""
+        return max(self.num_workers, 1)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return -(-self.groups.total // self.world.world_size)
+
+    def worker_batches(self) -> np.ndarray:
+        """Batches each of this rank's readers hands out per epoch."""
+        counts = []
+        for w in range(self.readers):
+            lo, hi = reader_range(self.groups.total, self.world.with_worker(w, self.readers))
+            counts.append(-(-(hi - lo) // self.batch_size))
+        return np.asarray(counts, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.worker_batches().sum())
+
+    def stream(self) -> ParquetStream:
+        """The IterableDataset of the rest of the current epoch."""
+        start, rotation = interleave_position(self.worker_batches(), self.batch)
+        return ParquetStream(
+            self.groups,
+            n_items=self.n_items,
+            batch_size=self.batch_size,
+            n_negatives=self.n_negatives,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            epoch=self.epoch,
+            world=self.world,
+            num_workers=self.readers,
+            keys=self.keys,
+            cdf=self.cdf,
+            start=start.tolist(),
+            rotation=rotation,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        batches: Any = self.stream()
+        if self.num_workers or self.pin_memory:
+            batches = DataLoader(
+                batches,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+            )
+        for batch in batches:
+            self.batch += 1
+            yield batch
+        self.epoch += 1
+        self.batch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        start, _ = interleave_position(self.worker_batches(), self.batch)
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "rows": self.groups.total,
+            "row_groups": len(self.groups),
+            "batch_size": self.batch_size,
+            "world_size": self.world.world_size,
+            "num_workers": self.num_workers,
+            "shuffle_buffer": self.shuffle_buffer,
+            "negatives": self.negatives,
+            "readers": self._reader_positions(start),
+        }
+
+    def _reader_positions(self, start: np.ndarray) -> list[dict[str, int]]:
+        """Per reader: the file, row group and offset its current shuffle window starts at."""
+        positions = []
+        for w in range(self.readers):
+            world = self.world.with_worker(w, self.readers)
+            spans = reader_spans(self.groups.rows, world, self.seed, self.epoch)
+            offset = int(start[w]) * self.batch_size
+            window = offset // self.shuffle_buffer * self.shuffle_buffer
+            lengths = spans[:, 2] - spans[:, 1]
+            ends = np.cumsum(lengths)
+            s = int(np.searchsorted(ends, window, side="right"))
+            if s == len(spans):
+                positions.append({"worker": w, "file": -1, "row_group": -1, "offset": 0})
+                continue
+            group = int(spans[s, 0])
+            positions.append(
+                {
+                    "worker": w,
+                    "file": int(self.groups.file[group]),
+                    "row_group": int(self.groups.group[group]),
+                    "offset": int(spans[s, 1] + window - (ends[s] - lengths[s])),
+                    "window_rows_done": offset - window,
+                }
+            )
+        return positions
+
+    def _columns(self, columns: list[str]) -> Iterator[pa.Table]:
+        for path in self.groups.paths:
+            f = pq.ParquetFile(path)
+            for g in range(f.metadata.num_row_groups):
+                yield f.read_row_group(g, columns=columns)
+
+    def _item_counts(self) -> np.ndarray:
+        counts = np.zeros(self.n_items, dtype=np.int64)
+        for table in self._columns([ITEM]):
+            items = table.column(ITEM).to_numpy()
+            if len(items) and (items.min() < 0 or items.max() >= self.n_items):
+                raise DatasetError(
+                    f"stream loader: item_idx outside 0..{self.n_items - 1} in {self.groups.paths}"
+                )
+            counts += np.bincount(items, minlength=self.n_items)
+        return counts
+
+    def _positive_keys(self) -> np.ndarray:
+        # filled row group by row group and sorted in place: one array of 8 bytes per row
+        keys = np.empty(self.groups.total, dtype=np.int64)
+        at = 0
+        for table in self._columns([USER, ITEM]):
+            n = table.num_rows
+            keys[at : at + n] = table.column(USER).to_numpy().astype(
+                np.int64
+            ) * self.n_items + table.column(ITEM).to_numpy().astype(np.int64)
+            at += n
+        keys.sort()
+        if len(keys) < 2:
+            return keys
+        return keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
