@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from recscale.dataset import (
 )
 from recscale.errors import ConfigError, FormatError, InputError, SchemaError
 from recscale.ingest import rules
+from recscale.ingest.common import EngineResult, Progress, line_limit, rule_params
 from recscale.ingest.sources import ROLE_NAMES, MetaSpec, Plan, SourceSpec, _norm
 
 __all__ = ["EngineResult", "run_duckdb"]
@@ -77,50 +77,12 @@ class SourceRun:
     strict: bool = True  # read in DuckDB's strict CSV mode (exact line numbers)
 
 
-@dataclasses.dataclass
-class EngineResult:
-    """Counts the engine hands back for the manifest and the quality report."""
-
-    source_rows: list[dict[str, int]]  # per source: rows_in, accepted, rejected
-    rejected_by_reason: dict[str, int]
-    skipped_lines: dict[str, int]
-    n_input: int
-    n_rejected: int
-    n_interactions: int
-    n_users: int
-    n_items: int
-    duplicates: int  # rows that shared a (user, item) pair with an earlier one
-    folded: int  # rows folded into another by the dedupe policy
-    given_split: dict[str, Any] | None
-    quality_stats: dict[str, Any]
-    meta_columns: dict[str, list[str]]
-    warnings: list[str]
-
-
-class _Progress:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"ingest: {message}", file=sys.stderr, flush=True)
-
-
-def _memory_bytes(text: str) -> int:
-    match = re.fullmatch(r"([\d.]+)\s*([KMGT]?i?B|bytes)", text.strip())
-    if not match:
-        return 1 << 31
-    scale = {"bytes": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-    scale.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
-    return int(float(match.group(1)) * scale.get(match.group(2), 1))
-
-
 class DuckDBIngest:
     """One ingest run on one DuckDB connection (in memory, spilling to ``workdir``)."""
 
     def __init__(self, config: IngestConfig, workdir: Path, progress: bool) -> None:
         self.config = config
-        self.say = _Progress(progress)
+        self.say = Progress(progress)
         self.con = duckdb.connect()
         try:
             self.con.execute(f"SET memory_limit = {_lit(config.memory_limit)}")
@@ -137,10 +99,8 @@ class DuckDBIngest:
         self.con.execute("SET TimeZone = 'UTC'")
         # row order of `staged` is what maps a row to its line
         self.con.execute("SET preserve_insertion_order = true")
-        memory = _memory_bytes(self.sql1("SELECT current_setting('memory_limit')"))
-        threads = int(self.sql1("SELECT current_setting('threads')"))
-        # the CSV reader holds a buffer per thread; keep them a small share of the memory limit
-        self.buffer = max(1 << 20, min(1 << 25, memory // (8 * max(threads, 1))))
+        # the CSV reader holds a buffer per thread; a line longer than it is a bad_line
+        self.buffer = line_limit(config)
         self.runs: list[SourceRun] = []
         self.warnings: list[str] = []
         self.ts_offset = 0  # order_from_input: the largest ts staged before the current source
@@ -246,24 +206,6 @@ class DuckDBIngest:
             f"raise memory_limit or free disk space for spilling: {exc}"
         )
 
-    def _params(self, spec: SourceSpec, expected: int | None) -> dict[str, object]:
-        cfg = self.config
-        return {
-            "expected_fields": expected,
-            "user_int": spec.ids_int,
-            "item_int": spec.ids_int,
-            "has_time": spec.roles.get("time") is not None,
-            "has_value": spec.roles.get("value") is not None,
-            "positive_threshold": cfg.positive_threshold,
-            "max_id_length": 512,
-            "time_format": cfg.time_format,
-            "time_expected": (
-                f"in time_format {cfg.time_format}"
-                if cfg.time_format
-                else "unix seconds or ISO-8601"
-            ),
-        }
-
     def _rules_sql(
         self,
         base: str,
@@ -277,7 +219,7 @@ class DuckDBIngest:
         raw: str = "raw",
     ) -> str:
         """``INSERT INTO staged`` from ``base`` (a query giving the text columns)."""
-        params = self._params(spec, expected)
+        params = rule_params(spec, self.config, expected)
         overrides = overrides or {}
         ctes = [f"b AS ({base})"]
         prev = "b"
@@ -299,7 +241,7 @@ class DuckDBIngest:
         else:
             ts = rules.TIME_SQL
         value = overrides.get(
-            "value", "TRY_CAST(value_text AS DOUBLE)" if params["has_value"] else "1.0::DOUBLE"
+            "value", rules.VALUE_SQL if params["has_value"] else "1.0::DOUBLE"
         )
         ctes.append(f"t AS (SELECT *, {ts} AS ts, {value} AS value FROM {prev})")
         own = {"delimited": "field_count", "jsonl": "bad_json"}.get(spec.kind)

@@ -1,35 +1,66 @@
 """The data-quality report of a dataset: ``quality.json`` and its printed summary.
 
-The statistics are SQL aggregates over the final interactions (never a Python loop over rows);
+The statistics come from small aggregates over the final interactions (counts of counts, min/max),
+which either engine computes; never a Python loop over rows.
 :func:`format_quality` renders the dict that ``quality.json`` holds.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+import itertools
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import duckdb
 
-__all__ = ["COLD_THRESHOLD", "QUANTILES", "format_quality", "interaction_stats"]
+__all__ = [
+    "COLD_THRESHOLD",
+    "QUANTILES",
+    "format_quality",
+    "interaction_stats",
+    "stats_from_counts",
+]
 
 QUANTILES = (0.25, 0.5, 0.75, 0.9, 0.99)
 #: users / items with fewer interactions than this are "cold"
 COLD_THRESHOLD = 5
 
 
-def _distribution(con: duckdb.DuckDBPyConnection, counts: str) -> dict[str, float | int]:
-    q = ", ".join(str(x) for x in QUANTILES)
-    row = con.execute(
-        f"SELECT min(c), quantile_disc(c, [{q}]), max(c), avg(c) FROM ({counts})"
-    ).fetchall()[0]
-    lo, qs, hi, mean = row
-    out: dict[str, float | int] = {"min": int(lo or 0)}
-    for p, v in zip(QUANTILES, qs or [0] * len(QUANTILES), strict=True):
-        out[f"p{round(p * 100)}"] = int(v)
-    out["max"] = int(hi or 0)
-    out["mean"] = round(float(mean or 0.0), 4)
+def _distribution(hist: Mapping[int, int]) -> dict[str, float | int]:
+    """min, ``quantile_disc`` at :data:`QUANTILES`, max and mean of the counts in ``hist``.
+
+    ``hist`` maps a count to how many users (items) have it; the quantile is the value at
+    position ``max(1, n - floor(n - n*q))`` of the sorted counts, DuckDB's ``quantile_disc``.
+    """
+    keys = sorted(hist)
+    n = sum(hist.values())
+    out: dict[str, float | int] = {"min": keys[0] if n else 0}
+    cumulative = list(itertools.accumulate(hist[k] for k in keys))
+    for q in QUANTILES:
+        pos = max(1, n - math.floor(n - q * n)) if n else 0
+        value = keys[bisect.bisect_left(cumulative, pos)] if n else 0
+        out[f"p{round(q * 100)}"] = int(value)
+    out["max"] = keys[-1] if n else 0
+    out["mean"] = round(sum(k * f for k, f in hist.items()) / n, 4) if n else 0.0
     return out
+
+
+def _gini(hist: Mapping[int, int]) -> float:
+    """Gini of the counts: sum((2*rank - n - 1) * c) / (n * sum(c)), ranks 1..n in count order."""
+    n = sum(hist.values())
+    total = sum(k * f for k, f in hist.items())
+    if not n or not total:
+        return 0.0
+    num, rank = 0, 0
+    for c in sorted(hist):
+        f = hist[c]
+        # ranks rank+1 .. rank+f share the count c
+        num += c * (2 * (f * rank + f * (f + 1) // 2) - f * (n + 1))
+        rank += f
+    return round(float(num) / float(n * total), 6)
 
 
 def _iso(ts: int | None) -> str | None:
@@ -38,42 +69,43 @@ def _iso(ts: int | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).date().isoformat()
 
 
-def interaction_stats(
-    con: duckdb.DuckDBPyConnection, table: str, n_users: int, n_items: int
+def stats_from_counts(
+    n_users: int,
+    n_items: int,
+    per_user: Mapping[int, int],
+    per_item: Mapping[int, int],
+    time: tuple[int | None, int | None, int],
+    value: tuple[float | None, float | None, float | None],
 ) -> dict[str, Any]:
-    """Shape statistics of the interactions in ``table`` (users/items with none count as 0)."""
-    for role, n in (("user", n_users), ("item", n_items)):
-        # one count per index 0..n-1, zeros included (appended users may have none)
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE q_{role} AS
-            SELECT coalesce(x.c, 0) AS c FROM range({n}) r(idx) LEFT JOIN
-                (SELECT {role}_idx, count(*) AS c FROM {table} GROUP BY {role}_idx) x
-                ON x.{role}_idx = r.idx"""
-        )
-    n_inter = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
-    gini = con.execute(
-        """SELECT sum((2.0 * rn - n - 1) * c) / (n * sum(c)) FROM (
-            SELECT c, row_number() OVER (ORDER BY c) AS rn, count(*) OVER () AS n FROM q_item)
-        GROUP BY n"""
-    ).fetchall()
-    t_min, t_max, t_missing, v_min, v_max, v_mean = con.execute(
-        f"SELECT min(ts), max(ts), count(*) - count(ts), min(value), max(value), avg(value) "
-        f"FROM {table}"
-    ).fetchall()[0]
+    """The shape statistics of ``quality.json`` from what any engine aggregates cheaply.
+
+    ``per_user`` / ``per_item`` map an interaction count (>= 1) to how many users / items have it
+    (those with none are added here as count 0); ``time`` is (min ts, max ts, rows without ts),
+    ``value`` is (min, max, mean). Both engines hand the same aggregates to this one function, so
+    their reports agree to the last digit.
+    """
+    hists = {}
+    for role, n, hist in (("user", n_users, per_user), ("item", n_items, per_item)):
+        full = {int(k): int(v) for k, v in hist.items() if v}
+        zeros = n - sum(full.values())
+        if zeros > 0:
+            full[0] = full.get(0, 0) + zeros
+        hists[role] = full
+    n_inter = sum(k * f for k, f in hists["user"].items())
     cold = {}
     for role, n in (("users", n_users), ("items", n_items)):
-        count = con.execute(
-            f"SELECT count(*) FROM q_{role[:-1]} WHERE c < {COLD_THRESHOLD}"
-        ).fetchall()[0][0]
+        count = sum(f for k, f in hists[role[:-1]].items() if k < COLD_THRESHOLD)
         cold[role] = {"count": int(count), "share": round(count / n, 6) if n else 0.0}
-    stats = {
+    t_min, t_max, t_missing = time
+    v_min, v_max, v_mean = value
+    return {
         "users": n_users,
         "items": n_items,
         "interactions": int(n_inter),
         "density": (n_inter / (n_users * n_items)) if n_users and n_items else 0.0,
-        "interactions_per_user": _distribution(con, "SELECT c FROM q_user"),
-        "interactions_per_item": _distribution(con, "SELECT c FROM q_item"),
-        "item_gini": round(float(gini[0][0]), 6) if gini and gini[0][0] is not None else 0.0,
+        "interactions_per_user": _distribution(hists["user"]),
+        "interactions_per_item": _distribution(hists["item"]),
+        "item_gini": _gini(hists["item"]),
         "time": {
             "min": _iso(t_min),
             "max": _iso(t_max),
@@ -88,9 +120,26 @@ def interaction_stats(
         },
         "cold": {"threshold": COLD_THRESHOLD, **cold},
     }
-    con.execute("DROP TABLE q_user")
-    con.execute("DROP TABLE q_item")
-    return stats
+
+
+def interaction_stats(
+    con: duckdb.DuckDBPyConnection, table: str, n_users: int, n_items: int
+) -> dict[str, Any]:
+    """Shape statistics of the interactions in DuckDB's ``table`` (see :func:`stats_from_counts`)."""
+    hists = []
+    for role in ("user", "item"):
+        rows = con.execute(
+            f"""SELECT c, count(*) FROM (SELECT count(*) AS c FROM {table} GROUP BY {role}_idx)
+            GROUP BY c"""
+        ).fetchall()
+        hists.append({int(c): int(f) for c, f in rows})
+    t_min, t_max, t_missing, v_min, v_max, v_mean = con.execute(
+        f"SELECT min(ts), max(ts), count(*) - count(ts), min(value), max(value), avg(value) "
+        f"FROM {table}"
+    ).fetchall()[0]
+    return stats_from_counts(
+        n_users, n_items, hists[0], hists[1], (t_min, t_max, t_missing), (v_min, v_max, v_mean)
+    )
 
 
 def _n(x: int | float) -> str:

@@ -45,19 +45,26 @@ Parameters (``{name}`` in the SQL, filled in by :func:`render`):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 
 __all__ = [
     "DERIVED",
     "ENGINE_FUNCTIONS",
+    "ENGINE_TYPES",
+    "ISO_RE",
+    "NUMBER_RE",
     "POST_REASONS",
     "READER_REASONS",
     "REASONS",
     "RULES",
     "TIME_FORMAT_SQL",
     "TIME_SQL",
+    "VALUE_SQL",
     "Rule",
     "render",
+    "strptime_to_java",
+    "to_spark",
 ]
 
 #: Every reason code a rejected row can carry, with its meaning (documented in dataset/README.md).
@@ -165,22 +172,61 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 
-#: Parsing of the time field (``{time_format}`` set: only that strptime format is accepted).
+#: A decimal number as text (what ``value`` and numeric times accept); the casts of the two
+#: engines differ outside it (DuckDB also reads "1_000", "0x10"), so both test it first.
+NUMBER_RE = "[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?"
+#: ISO-8601 date or date-time with an optional zone, the shapes both engines' casts read alike.
+ISO_RE = (
+    "[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}"
+    "([T ][0-9]{1,2}:[0-9]{2}(:[0-9]{2}([.][0-9]{1,6})?)?)?(Z|[+-][0-9]{2}(:?[0-9]{2})?)?"
+)
+
+#: Parsing of the value field: a finite or infinite number, else NULL (a ``bad_value``).
+VALUE_SQL = (
+    f"CASE WHEN regexp_full_match(trim(value_text), '{NUMBER_RE}') "
+    "THEN TRY_CAST(trim(value_text) AS DOUBLE) END"
+)
+
+#: Parsing of the time field (``{time_format}`` set: only that strptime format is accepted):
+#: integer unix seconds, then decimal seconds (floored), then ISO-8601 (floored to the second).
 TIME_SQL = (
     "CASE WHEN time_text IS NULL THEN NULL"
-    " ELSE coalesce(TRY_CAST(time_text AS BIGINT),"
-    " TRY_CAST(floor(TRY_CAST(time_text AS DOUBLE)) AS BIGINT),"
-    " TRY_CAST(epoch(TRY_CAST(trim(time_text) AS TIMESTAMPTZ)) AS BIGINT)) END"
+    " WHEN CAST(TRY_CAST(trim(time_text) AS BIGINT) AS VARCHAR) = trim(time_text)"
+    " THEN TRY_CAST(trim(time_text) AS BIGINT)"
+    f" WHEN regexp_full_match(trim(time_text), '{NUMBER_RE}')"
+    " THEN CASE WHEN abs(TRY_CAST(trim(time_text) AS DOUBLE)) < 9.0e18"
+    " THEN TRY_CAST(floor(TRY_CAST(trim(time_text) AS DOUBLE)) AS BIGINT) END"
+    f" WHEN regexp_full_match(trim(time_text), '{ISO_RE}')"
+    " THEN TRY_CAST(floor(epoch(TRY_CAST(trim(time_text) AS TIMESTAMPTZ))) AS BIGINT) END"
 )
-TIME_FORMAT_SQL = "CAST(epoch(try_strptime(trim(time_text), {time_format})) AS BIGINT)"
+TIME_FORMAT_SQL = "CAST(floor(epoch(try_strptime(trim(time_text), {time_format}))) AS BIGINT)"
 
-#: DuckDB spellings used above and their Spark SQL equivalents.
+#: DuckDB spellings used above and their Spark SQL equivalents (``x``, ``p``, ``t``, ``f`` stand
+#: for the call's arguments; :func:`to_spark` substitutes them).
 ENGINE_FUNCTIONS: dict[str, str] = {
-    "regexp_full_match(x, p)": "x RLIKE '^(?:' || p || ')$'",
-    "regexp_matches(x, p)": "x RLIKE p",
-    "isfinite(x)": "NOT (isnan(x) OR abs(x) = double('inf'))",
-    "epoch(t)": "unix_timestamp(t)",
+    "regexp_full_match(x, p)": "((x) RLIKE ('^(?:' || (p) || ')$'))",
+    "regexp_matches(x, p)": "((x) RLIKE (p))",
+    "isfinite(x)": "(NOT (isnan(x) OR abs(x) = double('inf')))",
+    "epoch(t)": "(unix_micros(t) / 1000000.0D)",
     "try_strptime(x, f)": "try_to_timestamp(x, f)",
+}
+#: DuckDB type names without a Spark spelling of the same name.
+ENGINE_TYPES: dict[str, str] = {"VARCHAR": "STRING", "TIMESTAMPTZ": "TIMESTAMP"}
+
+#: strptime codes (DuckDB's ``time_format``) and their Java DateTimeFormatter patterns (Spark's).
+STRPTIME_TO_JAVA: dict[str, str] = {
+    "%Y": "yyyy",
+    "%m": "MM",
+    "%d": "dd",
+    "%H": "HH",
+    "%M": "mm",
+    "%S": "ss",
+    "%y": "yy",
+    "%b": "MMM",
+    "%B": "MMMM",
+    "%f": "SSSSSS",
+    "%z": "Z",
+    "%%": "%",
 }
 
 
@@ -205,3 +251,115 @@ def render(sql: str, params: Mapping[str, object]) -> str:
             for k, v in params.items()
         }
     )
+
+
+def _split_args(text: str, start: int) -> tuple[list[str], int]:
+    """The comma-separated arguments of a call whose "(" is at ``start``; and the index after ")"."""
+    args: list[str] = []
+    depth, begin, i = 0, start + 1, start
+    while i < len(text):
+        ch = text[i]
+        if ch == "'":
+            # skip the literal, '' included
+            i = text.index("'", i + 1)
+            while i + 1 < len(text) and text[i + 1] == "'":
+                i = text.index("'", i + 2)
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                args.append(text[begin:i].strip())
+                return args, i + 1
+        elif ch == "," and depth == 1:
+            args.append(text[begin:i].strip())
+            begin = i + 1
+        i += 1
+    raise ValueError(f"unbalanced parentheses in {text!r}")
+
+
+def _tokens(sql: str) -> list[tuple[bool, str]]:
+    """``sql`` cut into (is_literal, text) pieces; literals keep their quotes, ``''`` inside."""
+    out: list[tuple[bool, str]] = []
+    i = 0
+    while i < len(sql):
+        j = sql.find("'", i)
+        if j < 0:
+            out.append((False, sql[i:]))
+            break
+        out.append((False, sql[i:j]))
+        k = j + 1
+        while True:
+            k = sql.index("'", k)
+            if k + 1 < len(sql) and sql[k + 1] == "'":
+                k += 2
+                continue
+            break
+        out.append((True, sql[j : k + 1]))
+        i = k + 1
+    return out
+
+
+def _spark_literal(literal: str) -> str:
+    """A DuckDB string literal (no backslash escapes, ``''`` for a quote) in Spark's syntax."""
+    body = literal[1:-1].replace("''", "'")
+    return "'" + body.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def to_spark(sql: str) -> str:
+    """A rendered rule (DuckDB spelling) as Spark SQL, through :data:`ENGINE_FUNCTIONS`."""
+    for template, spark in ENGINE_FUNCTIONS.items():
+        name, _, rest = template.partition("(")
+        params = [p.strip() for p in rest.rstrip(")").split(",")]
+        pattern = re.compile(rf"\b{name}\(")
+        while True:
+            # calls are found outside literals only
+            pos, offset = None, 0
+            for is_lit, piece in _tokens(sql):
+                if not is_lit:
+                    m = pattern.search(piece)
+                    if m:
+                        pos = offset + m.start()
+                        break
+                offset += len(piece)
+            if pos is None:
+                break
+            args, end = _split_args(sql, pos + len(name))
+            given = dict(zip(params, args, strict=True))
+            body = re.sub(
+                r"\b(" + "|".join(params) + r")\b", lambda m, g=given: g[m.group(1)], spark
+            )
+            sql = sql[:pos] + body + sql[end:]
+    pieces = []
+    for is_lit, piece in _tokens(sql):
+        if is_lit:
+            pieces.append(_spark_literal(piece))
+        else:
+            for duck, spark_type in ENGINE_TYPES.items():
+                piece = re.sub(rf"\bAS {duck}\b", f"AS {spark_type}", piece)
+            pieces.append(piece)
+    return "".join(pieces)
+
+
+def strptime_to_java(fmt: str) -> str:
+    """A strptime format as a Java DateTimeFormatter pattern; unknown codes are a ValueError."""
+    out, i = [], 0
+    while i < len(fmt):
+        if fmt[i] == "%":
+            code = fmt[i : i + 2]
+            if code not in STRPTIME_TO_JAVA:
+                raise ValueError(
+                    f"time_format code {code!r} has no Spark equivalent; codes allowed: "
+                    + ", ".join(STRPTIME_TO_JAVA)
+                )
+            out.append(STRPTIME_TO_JAVA[code])
+            i += 2
+            continue
+        j = i
+        while j < len(fmt) and fmt[j] != "%":
+            j += 1
+        text = fmt[i:j]
+        # letters are pattern letters in Java: quote them
+        out.append("'" + text.replace("'", "''") + "'" if re.search("[A-Za-z']", text) else text)
+        i = j
+    return "".join(out)
