@@ -93,7 +93,7 @@ def test_is_positive_matches_a_set(
     qu = np.array([q[0] for q in queries])
     qi = np.array([q[1] for q in queries])
     expected = [q in set(pairs) for q in queries]
-    assert is_positive(qu, qi, keys, 13).tolist() == expected
+    assert is_positive(qu, qi, keys).tolist() == expected
 
 
 def test_same_seed_same_batches_and_epochs_differ() -> None:
@@ -206,3 +206,17 @@ def test_user_sampling_weighs_every_user_the_same() -> None:
 def test_unknown_sampling_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="sampling 'popular' is unknown; expected one of"):
         InMemoryLoader(TRAIN, batch_size=8, sampling="popular")
+
+
+def test_positives_search_inside_each_users_slice() -> None:
+    # users of very different degrees (1 to 600 items) and queries for unknown users
+    rng = np.random.default_rng(4)
+    users = np.repeat(np.arange(6), [1, 600, 3, 0, 250, 40])
+    items = np.concatenate([rng.choice(1000, n, replace=False) for n in [1, 600, 3, 0, 250, 40]])
+    positives = positive_keys(users, items, 1000)
+    assert positives.steps == 10  # ceil(log2(600 + 1))
+    qu, qi = rng.integers(0, 9, 20_000), rng.integers(0, 1000, 20_000)
+    truth = set(zip(users.tolist(), items.tolist(), strict=True))
+    expected = [(u, i) in truth for u, i in zip(qu.tolist(), qi.tolist(), strict=True)]
+    assert is_positive(qu, qi, positives).tolist() == expected
+    assert is_positive(users, items, positives).all()

@@ -2,7 +2,13 @@
 in-memory and streaming (Parquet) loaders, user histories for sequence models."""
 
 from recscale.loader.memory import InMemoryLoader
-from recscale.loader.negatives import is_positive, popularity_cdf, positive_keys, sample_negatives
+from recscale.loader.negatives import (
+    Positives,
+    is_positive,
+    popularity_cdf,
+    positive_keys,
+    sample_negatives,
+)
 from recscale.loader.sequence import SequenceLoader, last_items
 from recscale.loader.stream import (
     ParquetStream,
@@ -17,6 +23,7 @@ from recscale.loader.world import World, partition
 __all__ = [
     "InMemoryLoader",
     "ParquetStream",
+    "Positives",
     "RowGroups",
     "SequenceLoader",
     "StreamLoader",

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from recscale.errors import ConfigError, DatasetError
 from recscale.loader.negatives import (
     NEGATIVE_SAMPLERS,
+    Positives,
     popularity_cdf,
     sample_negatives,
 )
@@ -189,7 +190,7 @@ class ParquetStream(IterableDataset):
         epoch: int,
         world: World,
         num_workers: int,
-        keys: np.ndarray | None,
+        keys: Positives | None,
         cdf: np.ndarray | None,
         start: Sequence[int],
         rotation: int,
@@ -221,25 +222,27 @@ class ParquetStream(IterableDataset):
         world = self.reader_world()
         spans = reader_spans(self.groups.rows, world, self.seed, self.epoch)
         b = self.batch_size
-        first = self.start[world.worker]
-        pending_u: list[np.ndarray] = []
-        pending_i: list[np.ndarray] = []
-        pending = 0
-        k = first
-        for users, items in self._shuffled(spans, world, first * b):
-            pending_u.append(users)
-            pending_i.append(items)
-            pending += len(users)
-            if pending < b:
-                continue
-            u, i = np.concatenate(pending_u), np.concatenate(pending_i)
-            cut = pending - pending % b
-            for at in range(0, cut, b):
-                yield self._batch(u[at : at + b], i[at : at + b], world, k)
+        k = self.start[world.worker]
+        # rows of the previous window that did not fill a batch; batches are views of a
+        # window wherever they can be, and copied only where they straddle two
+        carry_u = carry_i = np.zeros(0, dtype=np.int32)
+        for users, items in self._shuffled(spans, world, k * b):
+            if len(carry_u):
+                need = b - len(carry_u)
+                carry_u = np.concatenate([carry_u, users[:need]])
+                carry_i = np.concatenate([carry_i, items[:need]])
+                users, items = users[need:], items[need:]
+                if len(carry_u) < b:
+                    continue
+                yield self._batch(carry_u, carry_i, world, k)
                 k += 1
-            pending_u, pending_i, pending = [u[cut:]], [i[cut:]], pending - cut
-        if pending:
-            yield self._batch(np.concatenate(pending_u), np.concatenate(pending_i), world, k)
+            full = len(users) - len(users) % b
+            for at in range(0, full, b):
+                yield self._batch(users[at : at + b], items[at : at + b], world, k)
+                k += 1
+            carry_u, carry_i = users[full:], items[full:]
+        if len(carry_u):
+            yield self._batch(carry_u, carry_i, world, k)
 
     def _shuffled(
         self, spans: np.ndarray, world: World, skip: int
@@ -250,6 +253,7 @@ class ParquetStream(IterableDataset):
         span_start = span_end - lengths
         total = int(span_end[-1]) if len(span_end) else 0
         window = self.shuffle_buffer
+        generator = torch.Generator()
         for j in range(skip // window, -(-total // window)):
             lo, hi = j * window, min((j + 1) * window, total)
             users, items = [], []
@@ -261,11 +265,14 @@ class ParquetStream(IterableDataset):
                 u, i = self._row_group(int(group))
                 users.append(u[begin:end])
                 items.append(i[begin:end])
-            u, i = np.concatenate(users), np.concatenate(items)
-            rng = np.random.default_rng(
+            u = users[0] if len(users) == 1 else np.concatenate(users)
+            i = items[0] if len(items) == 1 else np.concatenate(items)
+            # torch's int32 randperm: a uniform shuffle at a third of NumPy's cost per row
+            seed = np.random.SeedSequence(
                 [self.seed, self.epoch, world.rank, world.worker, _WINDOW_STREAM, j]
-            )
-            order = rng.permutation(len(u))
+            ).generate_state(1, np.uint64)[0]
+            generator.manual_seed(int(seed))
+            order = torch.randperm(len(u), generator=generator, dtype=torch.int32).numpy()
             if j == skip // window:
                 order = order[skip - lo :]
             yield u[order], i[order]
@@ -280,8 +287,8 @@ class ParquetStream(IterableDataset):
         table = self._files[f].read_row_group(
             int(self.groups.group[group]), columns=[USER, ITEM], use_threads=False
         )
-        users = table.column(USER).to_numpy().astype(np.int64)
-        items = table.column(ITEM).to_numpy().astype(np.int64)
+        users = table.column(USER).to_numpy()
+        items = table.column(ITEM).to_numpy()
         self._cached = (group, users, items)
         return users, items
 
@@ -291,6 +298,7 @@ class ParquetStream(IterableDataset):
         rng = np.random.default_rng(
             [self.seed, self.epoch, world.rank, world.worker, _NEGATIVE_STREAM, k]
         )
+        users, items = users.astype(np.int64), items.astype(np.int64)
         neg = sample_negatives(users, self.n_negatives, self.n_items, rng, self.keys, self.cdf)
         return {
             "users": torch.from_numpy(users),
@@ -480,7 +488,7 @@ class StreamLoader(EpochLoader):
             counts += np.bincount(items, minlength=self.n_items)
         return counts
 
-    def _positive_keys(self) -> np.ndarray:
+    def _positive_keys(self) -> Positives:
         # filled row group by row group and sorted in place: one array of 8 bytes per row
         keys = np.empty(self.groups.total, dtype=np.int64)
         at = 0
@@ -491,6 +499,6 @@ class StreamLoader(EpochLoader):
             ) * self.n_items + table.column(ITEM).to_numpy().astype(np.int64)
             at += n
         keys.sort()
-        if len(keys) < 2:
-            return keys
-        return keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+        if len(keys) > 1:
+            keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+        return Positives(keys, self.n_items)
