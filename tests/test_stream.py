@@ -365,3 +365,27 @@ def test_bad_settings_are_config_errors(part: Path, kwargs: dict, message: str) 
 def test_item_out_of_range_is_a_dataset_error(part: Path) -> None:
     with pytest.raises(DatasetError, match=r"item_idx outside 0\.\.9"):
         StreamLoader(part, n_items=10, batch_size=8, negatives="popularity")
+
+
+def test_public_surface_of_the_loader() -> None:
+    import recscale.loader
+
+    assert recscale.loader.__all__ == [
+        "InMemoryLoader",
+        "ParquetStream",
+        "Positives",
+        "RowGroups",
+        "SequenceLoader",
+        "StreamLoader",
+        "World",
+        "interleave_position",
+        "is_positive",
+        "last_items",
+        "partition",
+        "popularity_cdf",
+        "positive_keys",
+        "reader_range",
+        "reader_spans",
+        "sample_negatives",
+    ]
+    assert all(hasattr(recscale.loader, name) for name in recscale.loader.__all__)
