@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -179,8 +180,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flags["progress"] = False
     config = _merge(TrainConfig, tables, "train", flags, args.config or "flags")
     model_table = {**tables.get("model", {}), **dict(args.param or [])}
+    if args.spark is not None:
+        from recscale.train.spark import train_with_spark
+
+        path = train_with_spark(
+            args.dataset,
+            config,
+            model_table,
+            num_processes=args.spark,
+            run_dir=args.run,
+            resume=args.resume,
+        )
+        print(f"run written to {path}")
+        return 0
     run = train(args.dataset, config, model_table, run_dir=args.run, resume=args.resume)
-    print(f"run written to {run.path}")
+    # under torchrun every rank runs this command; rank 0 speaks for the run
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run written to {run.path}")
     return 0
 
 
@@ -301,12 +317,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="a [model] hyper-parameter (repeatable; a TOML value: 64, 1e-3, 'bpr', true); "
         "overrides the config file",
     )
-    p.add_argument("--run", help="run directory (default: runs/<dataset>-<model>)")
+    # --run-dir first: after `torchrun ... -m recscale train`, torchrun's own parser rejects
+    # `--run` as an abbreviation of its --run-path
+    p.add_argument(
+        "--run-dir",
+        "--run",
+        dest="run",
+        help="run directory (default: runs/<dataset>-<model>)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--spark",
+        type=_positive_int,
+        metavar="N",
+        help="train in N data-parallel processes started by Spark's TorchDistributor "
+        "(the spark extra); --batch-size stays the global batch",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 

@@ -19,10 +19,25 @@ import pyarrow as pa
 import torch
 
 from recscale.dataset import Interactions
-from recscale.errors import ModelError
-from recscale.loader import InMemoryLoader
+from recscale.errors import ConfigError, ModelError
+from recscale.loader import InMemoryLoader, World
 
-__all__ = ["Recommender", "TorchRecommender"]
+__all__ = ["Recommender", "TorchRecommender", "rank_batch_size"]
+
+
+def rank_batch_size(batch_size: int, world: World) -> int:
+    """Rows per step of one rank: ``batch_size`` is the global batch, shared by all ranks.
+
+    Equal shares keep the ranks in lockstep and make the average of their gradients the gradient
+    of the global batch, so a run computes the same steps whatever the number of processes.
+    """
+    if batch_size % world.world_size:
+        raise ConfigError(
+            f"train: batch_size {batch_size} is the global batch and must be divisible by the "
+            f"{world.world_size} training processes (each takes batch_size / {world.world_size} "
+            "rows per step); choose a multiple of the number of processes"
+        )
+    return batch_size // world.world_size
 
 
 class Recommender(abc.ABC):
@@ -150,22 +165,29 @@ class TorchRecommender(torch.nn.Module, Recommender):
     def make_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer over this model's parameters, built from its hyper-parameters."""
 
-    def make_loader(self, train: Interactions, config: Any) -> Any:
-        """The batches this model trains on (``config`` is the run's ``TrainConfig``).
+    def make_loader(self, train: Interactions, config: Any, *, world: World | None = None) -> Any:
+        """The batches this rank trains on (``config`` is the run's ``TrainConfig``).
+
+        ``world`` is this process's rank among the training processes (one process without it):
+        the loader reads that rank's share of every epoch, in batches of
+        :func:`rank_batch_size` rows, so the ranks' batch ``b`` together are the global batch
+        ``b`` of ``config.batch_size`` rows.
 
         The default is (user, positive, negatives) rows from
         :class:`~recscale.loader.InMemoryLoader`; sequence models return their own loader with
         the same protocol: ``__iter__`` over the rest of the epoch, ``__len__`` (batches per
-        epoch), ``rows_per_epoch``, ``batch`` (position in the epoch), ``state_dict`` and
-        ``load_state_dict``.
+        epoch), ``rows_per_epoch`` (of this rank), ``batch`` (position in the epoch),
+        ``state_dict`` and ``load_state_dict``.
         """
+        world = world or World()
         return InMemoryLoader(
             train,
-            batch_size=config.batch_size,
+            batch_size=rank_batch_size(config.batch_size, world),
             n_negatives=self.n_negatives,
             seed=config.seed,
             reject_positives=config.reject_positives,
             sampling=config.sampling,
+            world=world,
         )
 
     @property

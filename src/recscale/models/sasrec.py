@@ -42,8 +42,8 @@ import torch.nn.functional as F
 
 from recscale.dataset import Interactions
 from recscale.errors import ConfigError
-from recscale.loader import SequenceLoader, last_items
-from recscale.models.base import TorchRecommender
+from recscale.loader import SequenceLoader, World, last_items
+from recscale.models.base import TorchRecommender, rank_batch_size
 from recscale.models.losses import bpr_loss, sampled_softmax_loss
 
 __all__ = ["SASRec", "SASRecParams"]
@@ -240,16 +240,20 @@ class SASRec(TorchRecommender):
         window, _ = last_items(indptr, items, np.arange(self.n_users), self.params.max_len)
         self.history.copy_(torch.from_numpy(window))
 
-    def make_loader(self, train: Interactions, config: Any) -> SequenceLoader:
+    def make_loader(
+        self, train: Interactions, config: Any, *, world: World | None = None
+    ) -> SequenceLoader:
+        world = world or World()
         return SequenceLoader(
             train,
             max_len=self.params.max_len,
-            batch_size=config.batch_size,
+            batch_size=rank_batch_size(config.batch_size, world),
             n_negatives=self.n_negatives,
             shared_negatives=self.shared_negatives,
             bucket_batches=self.params.bucket_batches,
             seed=config.seed,
             reject_positives=config.reject_positives,
+            world=world,
         )
 
     # ----------------------------------------------------------------- the encoder

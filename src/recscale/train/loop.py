@@ -5,10 +5,15 @@ iALS) is fitted in one call; a :class:`~recscale.models.TorchRecommender` is tra
 epoch on batches from the in-memory loader, validated, checkpointed after every epoch, and stopped
 early when validation stops improving. Everything the next epoch depends on is in the checkpoint,
 so a run resumed after a crash ends with exactly the model an uninterrupted run would have.
+
+Under torchrun the same function runs in every process (:mod:`recscale.train.distributed`):
+each rank trains a replica on its share of every global batch, DDP averages the gradients, and
+rank 0 alone validates and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,11 +34,14 @@ from recscale.config import TrainConfig, config_to_dict
 from recscale.dataset import Interactions
 from recscale.errors import ConfigError, RunError
 from recscale.evaluate import evaluate_model
+from recscale.loader import World
 from recscale.models import Recommender, TorchRecommender
+from recscale.models.base import rank_batch_size
+from recscale.train import distributed
 from recscale.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from recscale.train.schedule import lr_factor
 
-__all__ = ["FitResult", "fit", "resolve_device"]
+__all__ = ["FitResult", "check_world", "fit", "resolve_device"]
 
 log = logging.getLogger("recscale.train")
 
@@ -91,45 +99,71 @@ def fit(
     Writes ``run_dir/checkpoints/{last,best}.pt``, ``metrics.jsonl`` and ``tensorboard/``.
     ``resume=True`` continues from ``checkpoints/last.pt`` when it exists (else starts afresh).
     ``run_config`` is the full resolved config stored in every checkpoint (default: ``[train]``
-    and ``[model]``); ``items`` is the dataset's item table, for models with item features. On return the model holds the best validated weights, or the last ones
-    when there was no validation.
+    and ``[model]``); ``items`` is the dataset's item table, for models with item features. On
+    return the model holds the best validated weights, or the last ones when there was no
+    validation.
+
+    Under torchrun (``WORLD_SIZE`` > 1 in the environment) every process calls ``fit`` with the
+    same arguments and trains one data-parallel replica; ``config.batch_size`` is the global
+    batch, so the steps are those of one process with the same batch. Rank 0 alone writes
+    ``run_dir`` and validates; every rank returns the same model.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     last_path, best_path = run_dir / "checkpoints" / LAST, run_dir / "checkpoints" / BEST
-    device = resolve_device(config.device)
+    device = distributed.rank_device(resolve_device(config.device))
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     if run_config is None:
         run_config = {"train": config_to_dict(config), "model": config_to_dict(model.params)}
 
-    checkpoint = load_checkpoint(last_path) if resume and last_path.exists() else None
-    if checkpoint is not None and checkpoint["model_name"] != model.name:
-        raise RunError(
-            f"{last_path} holds a {checkpoint['model_name']!r} model, not {model.name!r}"
-        )
-    counters: dict[str, Any] = {
-        "epoch": 0,  # epochs completed
-        "step": 0,  # optimizer steps taken
-        "best_metric": None,
-        "best_epoch": None,
-        "bad_validations": 0,  # validations in a row without improvement
-        "finished": False,
-        "stopped_early": False,
-    }
-    if checkpoint is not None:
-        counters.update(checkpoint["counters"])
-        log.info(
-            "resuming %s from epoch %d (step %d)", run_dir, counters["epoch"], counters["step"]
-        )
+    with contextlib.ExitStack() as stack:
+        world = stack.enter_context(distributed.process_group(device))
+        # rank 0 alone writes the run directory and shows progress: the other ranks compute the
+        # same model, and two writers would interleave lines and race on every file
+        main = world.rank == 0
+        check_world(type(model), config, world)
 
-    # metrics of epochs after the checkpoint were written by the crashed run; they are redone
-    metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, counters["epoch"] if checkpoint else 0)
-    # TensorBoard drops the events a crashed run logged after its last checkpoint (purge_step)
-    with SummaryWriter(
-        str(run_dir / "tensorboard"), purge_step=counters["step"] if checkpoint else None
-    ) as writer:
+        # every rank resumes from the same checkpoint, as rank 0 sees it
+        checkpoint = None
+        if distributed.broadcast(resume and last_path.exists()):
+            checkpoint = load_checkpoint(last_path)
+        if checkpoint is not None and checkpoint["model_name"] != model.name:
+            raise RunError(
+                f"{last_path} holds a {checkpoint['model_name']!r} model, not {model.name!r}"
+            )
+        counters: dict[str, Any] = {
+            "epoch": 0,  # epochs completed
+            "step": 0,  # optimizer steps taken
+            "best_metric": None,
+            "best_epoch": None,
+            "bad_validations": 0,  # validations in a row without improvement
+            "finished": False,
+            "stopped_early": False,
+        }
+        if checkpoint is not None:
+            counters.update(checkpoint["counters"])
+            if main:
+                log.info(
+                    "resuming %s from epoch %d (step %d)",
+                    run_dir,
+                    counters["epoch"],
+                    counters["step"],
+                )
+
+        metrics_path = run_dir / "metrics.jsonl"
+        writer = None
+        if main:
+            # metrics of epochs after the checkpoint were written by the crashed run; they are
+            # redone. TensorBoard drops the events it logged after its last checkpoint too
+            _truncate_metrics(metrics_path, counters["epoch"] if checkpoint else 0)
+            writer = stack.enter_context(
+                SummaryWriter(
+                    str(run_dir / "tensorboard"),
+                    purge_step=counters["step"] if checkpoint else None,
+                )
+            )
+
         # validation: NDCG@k on the valid part, the user's training items excluded; a fixed sample
         # of users (same every epoch, so epochs compare) when validate_users asks for one
         metric = f"ndcg@{config.validate_k}" if valid is not None else None
@@ -140,8 +174,8 @@ def fit(
                 rng = np.random.default_rng(config.seed)
                 valid_users = np.sort(rng.choice(all_users, config.validate_users, replace=False))
 
-        def validate(target: Interactions, row: dict[str, Any]) -> float:
-            """Adds ``valid_ndcg@k`` and ``valid_recall@k`` to ``row``; returns the NDCG."""
+        def validate(target: Interactions) -> dict[str, float]:
+            """``valid_ndcg@k`` and ``valid_recall@k`` of the model on ``target``."""
             result = evaluate_model(
                 model,
                 target,
@@ -150,13 +184,13 @@ def fit(
                 device=device,
                 users=valid_users,
             )
-            for name in ("ndcg", "recall"):
-                row[f"valid_{name}@{config.validate_k}"] = float(
-                    result[f"{name}@{config.validate_k}"]
-                )
-            return row[f"valid_ndcg@{config.validate_k}"]
+            k = config.validate_k
+            return {
+                f"valid_{name}@{k}": float(result[f"{name}@{k}"]) for name in ("ndcg", "recall")
+            }
 
         def write_metrics(row: dict[str, Any]) -> None:
+            assert writer is not None  # only rank 0 writes
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             for key, value in row.items():
@@ -185,7 +219,8 @@ def fit(
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"epoch": 1, "step": 1, "train_seconds": round(seconds, 3)}
             if valid is not None:
-                counters["best_metric"] = validate(valid, row)
+                row.update(validate(valid))
+                counters["best_metric"] = row[f"valid_{metric}"]
                 counters["best_epoch"] = 1
             counters.update(epoch=1, step=1, finished=True)
             write_metrics(row)
@@ -200,38 +235,53 @@ def fit(
         # the schedule scales the lr the model asked for; taken before a checkpoint's state
         # overwrites param_groups with the lr of its last step
         base_lrs = [group["lr"] for group in optimizer.param_groups]
-        loader = model.make_loader(train, config)
+        # this rank's share of every epoch, batch_size / world_size rows per step: the ranks'
+        # batch b together are the global batch b of one process
+        loader = model.make_loader(train, config, world=world)
         total_steps = config.epochs * len(loader)
         if checkpoint is not None:
+            trained_by = checkpoint["loader"].get("world_size", 1)
+            if trained_by != world.world_size:
+                raise RunError(
+                    f"{last_path} was written by a run of {trained_by} process(es); resume it "
+                    f"with the same number (now {world.world_size}), so its batches and steps "
+                    "continue as they were"
+                )
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             loader.load_state_dict(checkpoint["loader"])
-            set_rng_state(checkpoint["rng"])
+            set_rng_state(checkpoint.get("rank_rngs", [checkpoint["rng"]])[world.rank])
         else:
             # the loader has its own seeded generators; these cover anything a model draws itself
-            random.seed(config.seed)
-            np.random.seed(config.seed)
-            torch.manual_seed(config.seed)
+            # (dropout masks, in-model negatives), which is per row, so each rank draws its own.
+            # The initial weights come from the model's own seeded generator, equal on every rank
+            random.seed(config.seed + world.rank)
+            np.random.seed(config.seed + world.rank)
+            torch.manual_seed(config.seed + world.rank)
+        # under torchrun, DDP: backward all-reduces the gradients, so every rank steps the same
+        batch_loss = distributed.data_parallel(model, device)
 
         early_stopping = valid is not None and config.patience > 0
-        if valid is None:
+        if valid is None and main:
             log.warning(
                 "split has no valid part: training the fixed %d epochs; early stopping is off",
                 config.epochs,
             )
-        elif not early_stopping:
+        elif not early_stopping and main:
             log.info("patience = 0: early stopping is off; the best validated epoch is kept")
 
         while counters["epoch"] < config.epochs and not counters["finished"]:
             epoch = counters["epoch"]
             model.train()
+            # the bar counts the samples of all ranks; only rank 0 shows it
+            epoch_rows = loader.rows_per_epoch * world.world_size
             bar = tqdm(
-                total=loader.rows_per_epoch,
-                initial=min(loader.batch * config.batch_size, loader.rows_per_epoch),
+                total=epoch_rows,
+                initial=min(loader.batch * config.batch_size, epoch_rows),
                 unit="samples",
                 unit_scale=True,
                 desc=f"epoch {epoch + 1}/{config.epochs}",
-                disable=not config.progress,
+                disable=not (config.progress and main),
                 leave=False,
             )
             t0 = time.perf_counter()
@@ -243,21 +293,27 @@ def fit(
                 factor = lr_factor(config.lr_schedule, counters["step"], total_steps)
                 for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                     group["lr"] = base_lr * factor
-                loss = model.batch_loss(batch)
+                loss = batch_loss(batch)  # the mean over this rank's rows
                 optimizer.zero_grad(set_to_none=True)
+                # under DDP the gradients are averaged over the ranks while backward runs (bucket
+                # by bucket, overlapping the rest of backward): the step below is the same on all
                 loss.backward()
                 optimizer.step()
                 loss_sum += loss.detach()
                 n_batches += 1
                 samples += len(batch["users"])
                 counters["step"] += 1
-                bar.update(len(batch["users"]))
-                if counters["step"] % LOG_EVERY == 0:
+                bar.update(len(batch["users"]) * world.world_size)
+                if counters["step"] % LOG_EVERY == 0 and main:
                     bar.set_postfix(loss=f"{loss.item():.4f}")
-            train_loss = loss_sum.item() / max(n_batches, 1)  # .item() waits for the device
+            # one all-reduce per epoch: the logged loss is the mean over every rank's batches,
+            # which is the single-process mean when the ranks' batches are equal shares
+            totals = distributed.all_sum(torch.stack([loss_sum, loss_sum.new_tensor(samples)]))
+            train_loss = totals[0].item() / max(n_batches * world.world_size, 1)
+            samples = int(totals[1].item())
             seconds = time.perf_counter() - t0
             bar.close()
-            if not math.isfinite(train_loss):
+            if not math.isfinite(train_loss):  # the same on every rank: all of them stop
                 raise RunError(
                     f"training diverged at epoch {epoch + 1}: loss is {train_loss}; "
                     "lower the model's lr (the [model] table) and start a new run"
@@ -276,7 +332,11 @@ def fit(
             last_epoch = counters["epoch"] == config.epochs
             if valid is not None and (counters["epoch"] % config.validate_every == 0 or last_epoch):
                 model.eval()
-                value = validate(valid, row)
+                # rank 0 validates alone and hands its numbers to every rank, so the decisions
+                # below (best epoch, early stop) are taken from the same value everywhere and
+                # all ranks stop together
+                row.update(distributed.on_rank0(lambda: validate(valid)))
+                value = row[f"valid_{metric}"]
                 best = counters["best_metric"]
                 # NaN (no user to validate) never counts as an improvement
                 improved = math.isfinite(value) and (best is None or value > best)
@@ -287,17 +347,23 @@ def fit(
                 else:
                     counters["bad_validations"] += 1
                 if early_stopping and counters["bad_validations"] >= config.patience:
-                    log.info(
-                        "early stop after epoch %d: %s has not improved for %d validations "
-                        "(best %.5f at epoch %d)",
-                        counters["epoch"],
-                        metric,
-                        config.patience,
-                        counters["best_metric"],
-                        counters["best_epoch"],
-                    )
+                    if main:
+                        log.info(
+                            "early stop after epoch %d: %s has not improved for %d validations "
+                            "(best %.5f at epoch %d)",
+                            counters["epoch"],
+                            metric,
+                            config.patience,
+                            counters["best_metric"],
+                            counters["best_epoch"],
+                        )
                     counters.update(finished=True, stopped_early=True)
             counters["finished"] = counters["finished"] or last_epoch
+            # each rank's generators have drawn differently: rank 0 keeps all of them, so that a
+            # resumed rank continues its own streams
+            rngs = distributed.gather(get_rng_state())
+            if not main:
+                continue
             log.info(
                 "epoch %d: loss %.5f, %.0f samples/s%s",
                 counters["epoch"],
@@ -310,21 +376,42 @@ def fit(
             # metrics first, then the checkpoint: a crash between the two only loses lines that the
             # resumed run truncates and writes again
             write_metrics(row)
+            assert rngs is not None
             state = make_checkpoint(
                 optimizer=optimizer.state_dict(),
                 scheduler=None,
                 loader=loader.state_dict(),
-                rng=get_rng_state(),
+                rng=rngs[0],
+                **({"rank_rngs": rngs} if world.world_size > 1 else {}),
             )
             if improved:
                 save_checkpoint(best_path, state)
             save_checkpoint(last_path, state)
 
-    # what the run delivers is the best validated model, not whichever epoch came last
-    if counters["best_epoch"] is not None and best_path.exists():
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-    model.eval()
-    return _result(counters, metric, started)
+        # what the run delivers is the best validated model, not whichever epoch came last
+        if counters["best_epoch"] is not None:
+            if main and best_path.exists():
+                model.load_state_dict(load_checkpoint(best_path)["model"])
+            # the other ranks take rank 0's copy: the run directory may not be on their machine
+            distributed.broadcast_state(model)
+        model.eval()
+        return _result(counters, metric, started)
+
+
+def check_world(model_class: type[Recommender], config: TrainConfig, world: World) -> None:
+    """What training by ``world.world_size`` processes needs: a batched model, equal shares.
+
+    One-shot models (popularity, iALS, EASE, ...) are a ConfigError rather than fitted by rank 0
+    alone: the other processes would only wait, and the user asked for something else.
+    """
+    if world.world_size == 1:
+        return
+    if not issubclass(model_class, TorchRecommender):
+        raise ConfigError(
+            f"train: model {model_class.name!r} is fitted in one call by one process and has no batches "
+            f"to share between {world.world_size} processes; train it without torchrun or --spark"
+        )
+    rank_batch_size(config.batch_size, world)
 
 
 def _result(counters: dict[str, Any], metric: str | None, started: float) -> FitResult:

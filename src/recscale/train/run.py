@@ -43,8 +43,9 @@ from recscale.errors import ConfigError, DatasetError, ModelError, RunError
 from recscale.evaluate import evaluate_model, top_k
 from recscale.models import Recommender, create_model
 from recscale.models import model_params as resolve_params
+from recscale.train import distributed
 from recscale.train.checkpoint import load_checkpoint
-from recscale.train.loop import BEST, LAST, FitResult, fit, resolve_device
+from recscale.train.loop import BEST, LAST, FitResult, check_world, fit, resolve_device
 
 __all__ = ["Run", "default_run_dir", "train", "write_embeddings"]
 
@@ -73,23 +74,60 @@ def train(
     ``model_params`` is the ``[model]`` table (defaults for what it leaves out). A new run never
     overwrites an existing one: pass ``resume=True`` to continue a run from its last checkpoint,
     which requires the same config (except progress, device and num_threads).
+
+    Under ``torchrun`` every process calls this with the same arguments: the run is trained by
+    data-parallel ranks (see :func:`~recscale.train.fit`) and rank 0 alone writes the run
+    directory. Every rank returns the same trained model.
     """
     ds = open_dataset(dataset)
     split = ds.split(config.split)
     params = resolve_params(config.model, model_params)
-    given = set(model_params or {}) if isinstance(model_params, Mapping) else set(vars(params))
-    defaulted = [f"{k}={v!r}" for k, v in vars(params).items() if k not in given]
-    if defaulted:
-        log.info("[model] %s: not given, so the defaults: %s", config.model, ", ".join(defaulted))
-    if run_dir is None:
-        run_dir = default_run_dir(ds.path, config.model)
-        log.info("no run directory given: using %s", run_dir)
-    run_dir = Path(run_dir)
-    resolved = {
-        "train": config_to_dict(config),
-        "model": config_to_dict(params),
-        "data": {"dataset": str(ds.path.resolve()), "split": split.name},
-    }
+    device = distributed.rank_device(resolve_device(config.device))
+    # under torchrun every rank runs this function; the group is joined here so that rank 0 alone
+    # prepares the run directory and writes the embeddings (fit joins the same group)
+    with distributed.process_group(device) as world:
+        main = world.rank == 0
+        given = set(model_params or {}) if isinstance(model_params, Mapping) else set(vars(params))
+        defaulted = [f"{k}={v!r}" for k, v in vars(params).items() if k not in given]
+        if defaulted and main:
+            log.info(
+                "[model] %s: not given, so the defaults: %s", config.model, ", ".join(defaulted)
+            )
+        if run_dir is None:
+            run_dir = default_run_dir(ds.path, config.model)
+            if main:
+                log.info("no run directory given: using %s", run_dir)
+        run_dir = Path(run_dir)
+        resolved = {
+            "train": config_to_dict(config),
+            "model": config_to_dict(params),
+            "data": {"dataset": str(ds.path.resolve()), "split": split.name},
+        }
+        model = create_model(config.model, params, ds.n_users, ds.n_items, seed=config.seed)
+        # bad input is refused before anything is written
+        check_world(type(model), config, world)
+        # rank 0 checks and writes; its error, if any, stops every rank with the same message
+        distributed.on_rank0(lambda: _prepare_run_dir(run_dir, resolved, resume=resume))
+
+        train_part = split.interactions("train")
+        valid_part = split.interactions("valid") if split.has("valid") else None
+        result = fit(
+            model,
+            train_part,
+            valid_part,
+            config,
+            run_dir,
+            resume=resume,
+            run_config=resolved,
+            items=ds.items,
+        )
+        if main:
+            write_embeddings(run_dir / "embeddings", model)
+    return Run(run_dir, ds, split, model, config, fit_result=result)
+
+
+def _prepare_run_dir(run_dir: Path, resolved: dict[str, Any], *, resume: bool) -> None:
+    """Create ``run_dir`` with ``config.toml``; a resumed run must have asked for the same config."""
     config_path = run_dir / CONFIG_FILE
     if config_path.exists():
         if not resume:
@@ -112,22 +150,6 @@ def train(
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, resolved)
-
-    train_part = split.interactions("train")
-    valid_part = split.interactions("valid") if split.has("valid") else None
-    model = create_model(config.model, params, ds.n_users, ds.n_items, seed=config.seed)
-    result = fit(
-        model,
-        train_part,
-        valid_part,
-        config,
-        run_dir,
-        resume=resume,
-        run_config=resolved,
-        items=ds.items,
-    )
-    write_embeddings(run_dir / "embeddings", model)
-    return Run(run_dir, ds, split, model, config, fit_result=result)
 
 
 def write_embeddings(directory: str | Path, model: Recommender) -> bool:
