@@ -49,6 +49,12 @@ CASES = {
         {"dim": 16, "lr": 0.05, "n_negatives": 4, "item_bias": True, "hard_negatives": True},
         epochs=60,
     ),
+    # sparse gradients and lazy Adam, the set-up for tables bigger than a batch by far
+    "mf-bpr-sparse": Case(
+        "mf-bpr",
+        {"dim": 16, "lr": 0.05, "n_negatives": 4, "item_bias": True, "sparse": True},
+        epochs=60,
+    ),
     # the paper's loss (binary cross-entropy, sampled negatives): the block log's rows are in
     # item order (no times), so a block's first item is never a next item; softmax over all
     # items learns exactly that order and is tested on sequences in test_sasrec.py instead

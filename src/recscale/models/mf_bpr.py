@@ -56,6 +56,10 @@ class MFBPRParams:
     temperature: float = 0.1
     margin: float = 0.8
     negative_weight: float | None = None
+    # sparse gradients and lazy Adam (torch.optim.SparseAdam): a step costs what the batch
+    # touches, not the size of the tables, which is what keeps big catalogues linear in the data;
+    # dense Adam instead updates every row's moments at every step
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "lr", "n_negatives", "init_std", "temperature"):
@@ -89,7 +93,10 @@ class MFBPR(TorchRecommender):
         self.item_emb = torch.nn.Parameter(torch.empty(self.n_items, params.dim))
         torch.nn.init.normal_(self.user_emb, std=params.init_std, generator=generator)
         torch.nn.init.normal_(self.item_emb, std=params.init_std, generator=generator)
-        self.item_bias = torch.nn.Parameter(torch.zeros(self.n_items)) if params.item_bias else None
+        # sparse: a column, so the lookup reads the parameter itself (a sparse gradient cannot
+        # flow back through a view of it)
+        shape = (self.n_items, 1) if params.sparse else (self.n_items,)
+        self.item_bias = torch.nn.Parameter(torch.zeros(shape)) if params.item_bias else None
 
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         negatives = batch["neg"]  # (B, n)
@@ -101,16 +108,19 @@ class MFBPR(TorchRecommender):
                 scores = torch.bmm(F.embedding(negatives, self.item_emb), u.unsqueeze(2))
                 scores = scores.squeeze(2)
                 if self.item_bias is not None:
-                    scores += self.item_bias[negatives]
+                    scores += self.item_bias.view(-1)[negatives]
                 negatives = negatives.gather(1, scores.argmax(dim=1, keepdim=True))  # (B, 1)
         # positives and negatives in one lookup and one batched matmul: on the CPU this is
         # several times faster than separate indexing and an einsum, backward included
+        sparse = self.params.sparse
         items = torch.cat([batch["pos"].unsqueeze(1), negatives], dim=1)  # (B, 1 + n)
-        u = F.embedding(batch["users"], self.user_emb)  # (B, d)
-        v = F.embedding(items, self.item_emb)  # (B, 1 + n, d)
+        u = F.embedding(batch["users"], self.user_emb, sparse=sparse)  # (B, d)
+        v = F.embedding(items, self.item_emb, sparse=sparse)  # (B, 1 + n, d)
         scores = torch.bmm(v, u.unsqueeze(2)).squeeze(2)  # (B, 1 + n)
         if self.item_bias is not None:
-            scores = scores + F.embedding(items, self.item_bias.unsqueeze(1)).squeeze(2)
+            column = self.item_bias if sparse else self.item_bias.unsqueeze(1)
+            bias = F.embedding(items, column, sparse=sparse).squeeze(2)
+            scores = scores + bias
         if self.params.loss == "bpr":
             loss = bpr_loss(scores[:, 0], scores[:, 1:])
         else:
@@ -129,14 +139,23 @@ class MFBPR(TorchRecommender):
         return loss + self.params.reg * l2_batch(u, v[:, 0], v[:, 1:])
 
     def make_optimizer(self) -> torch.optim.Optimizer:
+        if self.params.sparse:
+            return torch.optim.SparseAdam(list(self.parameters()), lr=self.params.lr)
         # the fused kernel updates all parameters in one pass: ~7x faster than the default
         # per-tensor loop on large embedding tables (CPU and CUDA alike)
         return torch.optim.Adam(self.parameters(), lr=self.params.lr, fused=True)
 
     def score(self, users: np.ndarray) -> torch.Tensor:
         users = torch.from_numpy(self._check_users(users)).to(self.device)
-        users_v, items_v = self._vectors()
-        return users_v[users] @ items_v.T
+        with torch.no_grad():
+            # only the asked users' rows: the user table can be far bigger than a batch of scores
+            u, items = self.user_emb[users], self.item_emb
+            if self.params.loss != "bpr":
+                return F.normalize(u, dim=1) @ F.normalize(items, dim=1).T
+            scores = u @ items.T
+            if self.item_bias is not None:
+                scores += self.item_bias.view(-1)
+            return scores
 
     def _vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors whose inner products are the scores (cosine losses: unit vectors)."""
@@ -147,7 +166,8 @@ class MFBPR(TorchRecommender):
             if self.item_bias is not None:
                 # the bias becomes one more dimension: ⟨[p_u, 1], [q_i, b_i]⟩ = ⟨p_u, q_i⟩ + b_i
                 ones = torch.ones(len(users), 1, device=users.device)
-                return torch.cat([users, ones], 1), torch.cat([items, self.item_bias[:, None]], 1)
+                bias = self.item_bias.view(-1, 1)
+                return torch.cat([users, ones], 1), torch.cat([items, bias], 1)
             return users, items
 
     def export_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
