@@ -28,12 +28,16 @@ import numpy as np
 import pytest
 import torch
 
-from recscale.config import EvalConfig
+from recscale.cli import main
+from recscale.config import EvalConfig, TrainConfig
 from recscale.dataset import Interactions
+from recscale.errors import ConfigError
+from recscale.loader import World
+from recscale.models import EASE, MFBPR
 from recscale.testing import write_tiny_dataset
 from recscale.train import Run
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from recscale.train.distributed import rank_device
+from recscale.train.loop import check_world
 
 N_USERS, N_ITEMS, HISTORY = 1000, 200, 14  # 12 train items per user, then one valid, one test
 EPOCHS = 4
@@ -132,9 +136,9 @@ def _command(args: Sequence[str], nproc: int | None) -> list[str]:
 
 
 def _train(
-    dataset: Path, cwd: Path, args: Sequence[str], *, nproc: int | None = None
+    dataset: Path, cwd: Path, args: Sequence[str], *, nproc: int | None = None, ok: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Train into ``cwd/run`` with the test's common flags; the process must succeed."""
+    """Train into ``cwd/run`` with the test's common flags; with ``ok`` the process must succeed."""
     cwd.mkdir(parents=True, exist_ok=True)
     command = _command(
         [
@@ -149,7 +153,8 @@ def _train(
         nproc,
     )
     done = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+    if ok:
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
     return done
 
 
@@ -193,6 +198,8 @@ def sasrec_runs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {"one": root / "one", "two": root / "two"}
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_ranks_compute_the_steps_of_one_process(sasrec_runs: dict[str, Path]) -> None:
     one, two = sasrec_runs["one"] / "run", sasrec_runs["two"] / "run"
     _assert_close(one, two, EXACT_LOSS_RTOL, EXACT_METRIC_ATOL)
@@ -200,6 +207,8 @@ def test_two_ranks_compute_the_steps_of_one_process(sasrec_runs: dict[str, Path]
     assert _final(two)["test_recall@20"] > 0.3
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_only_rank_0_writes(sasrec_runs: dict[str, Path]) -> None:
     cwd = sasrec_runs["two"]
     # nothing beside the run directory (no default runs/, no stray files of another rank)
@@ -228,6 +237,8 @@ def test_only_rank_0_writes(sasrec_runs: dict[str, Path]) -> None:
     assert len(last["rank_rngs"]) == 2 and last["loader"]["world_size"] == 2
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_mf_bpr_two_ranks_match_one_process(dataset: Path, tmp_path: Path) -> None:
     _train(dataset, tmp_path / "one", MF)
     _train(dataset, tmp_path / "two", MF, nproc=2)
@@ -236,6 +247,8 @@ def test_mf_bpr_two_ranks_match_one_process(dataset: Path, tmp_path: Path) -> No
     assert _final(two)["test_recall@20"] > 0.1
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_resume_under_torchrun(dataset: Path, sasrec_runs: dict[str, Path], tmp_path: Path) -> None:
     """Two ranks stopped after a checkpoint and resumed end where the uninterrupted ones did."""
     args = [
@@ -267,3 +280,95 @@ def test_resume_under_torchrun(dataset: Path, sasrec_runs: dict[str, Path], tmp_
 
     _train(dataset, tmp_path, [*SASREC, "--resume"], nproc=2)
     _assert_close(sasrec_runs["two"] / "run", tmp_path / "run", EXACT_LOSS_RTOL, EXACT_METRIC_ATOL)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.spark
+def test_spark_torch_distributor_matches_one_process(
+    dataset: Path, sasrec_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--spark 2``: a local Spark session's TorchDistributor runs the two ranks."""
+    done = _train(dataset, tmp_path, [*SASREC, "--spark=2"])
+    assert "run written to run" in done.stdout
+    _assert_close(sasrec_runs["one"] / "run", tmp_path / "run", EXACT_LOSS_RTOL, EXACT_METRIC_ATOL)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["loader"]["world_size"] == 2
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
+
+
+# ---- bad input: refused before anything is written ----------------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_global_batch_the_ranks_cannot_share_is_refused(dataset: Path, tmp_path: Path) -> None:
+    done = _train(dataset, tmp_path, ["--model=mf-bpr", "--batch-size=601"], nproc=2, ok=False)
+    assert done.returncode != 0
+    assert (
+        "ConfigError: train: batch_size 601 is the global batch and must be divisible by the 2 "
+        "training processes" in done.stderr
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_shot_models_are_refused_under_several_processes() -> None:
+    with pytest.raises(ConfigError, match="model 'ease' is fitted in one call by one process"):
+        check_world(EASE, TrainConfig(model="ease"), World(0, 2))
+    with pytest.raises(ConfigError, match=r"batch_size 2048 .* divisible by the 3 training"):
+        check_world(MFBPR, TrainConfig(), World(1, 3))
+    check_world(EASE, TrainConfig(model="ease"), World())  # one process: anything goes
+    check_world(MFBPR, TrainConfig(batch_size=2048), World(1, 4))
+
+
+def test_one_gpu_for_every_rank_is_refused() -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    with pytest.raises(ConfigError, match="'cuda:0' would put all 2 torchrun processes on one GPU"):
+        rank_device(torch.device("cuda", 0), env)
+    assert rank_device(torch.device("cpu"), env) == torch.device("cpu")
+
+
+def test_spark_under_torchrun_is_refused(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("TORCHELASTIC_RUN_ID", "x")):
+        monkeypatch.setenv(name, value)
+    assert main(["train", str(dataset), "--split=given", "--spark=2"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "ConfigError: train: --spark starts its own training processes, but this process is "
+        "already one rank of a torchrun launch"
+    )
+
+
+def test_spark_refuses_bad_input_before_starting(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["train", str(dataset), "--split=given", f"--run-dir={tmp_path / 'run'}", "--spark=2"]
+    assert main([*base, "--model=ease"]) == 1
+    assert "ConfigError: train: model 'ease' is fitted in one call" in capsys.readouterr().err
+    assert main([*base, "--batch-size=101"]) == 1
+    assert "ConfigError: train: batch_size 101 is the global batch" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_spark_without_pyspark_names_the_extra(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # None in sys.modules makes `import pyspark...` raise ImportError, as if it were not installed
+    for name in [m for m in sys.modules if m == "pyspark" or m.startswith("pyspark.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "pyspark", None)
+    assert main(["train", str(dataset), "--split=given", "--spark=2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("BackendUnavailableError: train: --spark needs pyspark")
+    assert "pip install 'recscale[spark]'" in err
+
+
+@pytest.mark.slow
+def test_recscale_imports_without_pyspark() -> None:
+    code = (
+        "import sys; sys.modules['pyspark'] = None; "
+        "import recscale, recscale.cli, recscale.train, recscale.train.spark"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
