@@ -20,12 +20,16 @@ import pyarrow.parquet as pq
 from recscale.config import IngestConfig
 from recscale.dataset import Dataset, Manifest, SourceFile, atomic_directory, file_sha256
 from recscale.dataset.store import open_dataset
-from recscale.errors import DatasetError, InputError
-from recscale.ingest.duckdb_engine import EngineResult, run_duckdb
+from recscale.errors import ConfigError, DatasetError, InputError
+from recscale.ingest.common import EngineResult
+from recscale.ingest.duckdb_engine import run_duckdb
 from recscale.ingest.quality import format_quality
 from recscale.ingest.sources import Plan, plan_sources
 
-__all__ = ["IngestResult", "format_quality", "ingest"]
+__all__ = ["ENGINES", "IngestResult", "format_quality", "ingest"]
+
+#: The engines ingest and split run on: one machine (DuckDB, out-of-core) or a cluster (Spark).
+ENGINES = ("duckdb", "spark")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,8 @@ def ingest(
     *,
     append: bool = False,
     progress: bool = True,
+    engine: str = "duckdb",
+    spark: Any = None,
 ) -> IngestResult:
     """Read ``sources`` (files, globs, folders) into the dataset directory ``out``.
 
@@ -78,7 +84,19 @@ def ingest(
 
     ``progress`` prints one line per source (rows and rows/s) to stderr; with ``False`` nothing
     is printed.
+
+    ``engine`` is ``"duckdb"`` (one machine, out-of-core) or ``"spark"`` (PySpark: ``spark`` is a
+    SparkSession, else the active one, else a new local one); both write the same dataset.
     """
+    if engine not in ENGINES:
+        raise ConfigError(
+            f"ingest: engine {engine!r} is unknown; expected one of "
+            + ", ".join(repr(e) for e in ENGINES)
+        )
+    if engine == "spark":
+        from recscale.ingest.spark_engine import _spark
+
+        _spark()  # a missing pyspark is reported before any file is read
     start = time.perf_counter()
     out = Path(out)
     plan = plan_sources(sources, config)
@@ -99,9 +117,22 @@ def ingest(
         workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
         try:
             with atomic_directory(out) as tmp:
-                result = run_duckdb(
-                    plan, config, tmp, workdir, existing=existing, progress=progress
-                )
+                if engine == "spark":
+                    from recscale.ingest.spark_engine import run_spark
+
+                    result = run_spark(
+                        plan,
+                        config,
+                        tmp,
+                        workdir,
+                        existing=existing,
+                        progress=progress,
+                        spark=spark,
+                    )
+                else:
+                    result = run_duckdb(
+                        plan, config, tmp, workdir, existing=existing, progress=progress
+                    )
                 seconds = time.perf_counter() - start
                 sources_meta = [
                     SourceFile(
@@ -114,7 +145,7 @@ def ingest(
                     for spec, rows in zip(plan.sources, result.source_rows, strict=True)
                 ]
                 quality = _quality(plan, config, result, existing, seconds)
-                manifest = _manifest(plan, config, result, existing, sources_meta, quality)
+                manifest = _manifest(plan, config, result, existing, sources_meta, quality, engine)
                 if existing is not None:
                     _carry_rejected(existing.path / "rejected", tmp / "rejected")
                 if result.given_split is not None:
@@ -134,6 +165,14 @@ def ingest(
             flush=True,
         )
     return IngestResult(dataset=open_dataset(out), quality=quality)
+
+
+def _engine_version(engine: str) -> str:
+    if engine == "spark":
+        import pyspark
+
+        return f"spark {pyspark.__version__}"
+    return f"duckdb {duckdb.__version__}"
 
 
 def _carry_rejected(old: Path, new: Path) -> None:
@@ -252,6 +291,7 @@ def _manifest(
     existing: Dataset | None,
     sources: list[SourceFile],
     quality: dict[str, Any],
+    engine: str,
 ) -> Manifest:
     first = plan.sources[0]
     columns: dict[str, str | None] = dict(first.roles)
@@ -262,7 +302,7 @@ def _manifest(
         old_sources = existing.manifest.sources
         resolved = list(existing.manifest.options.get("resolved_sources", [])) + resolved
     options: dict[str, Any] = dataclasses.asdict(config)
-    options["engine"] = "duckdb"
+    options["engine"] = engine
     options["resolved_sources"] = resolved
     options["items_metadata"] = [str(m.path) for m in plan.items_meta]
     options["users_metadata"] = [str(m.path) for m in plan.users_meta]
@@ -277,6 +317,6 @@ def _manifest(
         value_kind=quality["value_kind"],
         sources=old_sources + tuple(sources),
         options=options,
-        created_by=f"recscale {_version()} ingest (duckdb {duckdb.__version__})",
+        created_by=f"recscale {_version()} ingest ({_engine_version(engine)})",
         created_at=Manifest.now(),
     )

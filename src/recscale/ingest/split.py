@@ -67,6 +67,7 @@ _ROWS_PER_BATCH = 1 << 20
 # the one output order: per user, in time, so sequential models can stream a user's history
 _OUTPUT_ORDER = "user_idx, ts NULLS FIRST, item_idx, value"
 _COLUMNS = "user_idx, item_idx, ts, value"
+ENGINES = ("duckdb", "spark")
 
 
 def make_split(
@@ -74,17 +75,21 @@ def make_split(
     config: SplitConfig = SplitConfig(),  # noqa: B008 - frozen, so a shared default is safe
     *,
     engine: str = "duckdb",
+    spark: Any = None,
 ) -> Split:
     """Split ``dataset`` as ``config`` says and return the new :class:`Split`.
 
     Writes ``splits/<name>/{train,valid,test}/part-*.parquet`` and ``split.json`` atomically: on
     any failure an existing split of that name is left exactly as it was. ``valid`` is absent when
     ``config.valid`` is false (``counts.valid`` is then 0).
+
+    ``engine="spark"`` computes the same parts with Spark (``spark``: a SparkSession, else the
+    active one or a new local one); the files are identical to DuckDB's.
     """
-    if engine != "duckdb":
+    if engine not in ENGINES:
         raise ConfigError(
-            f"split: engine {engine!r} is not available for splitting; expected 'duckdb' "
-            "(it runs out-of-core, so it also splits datasets larger than memory)"
+            f"split: engine {engine!r} is unknown; expected one of "
+            + ", ".join(repr(e) for e in ENGINES)
         )
     if config.strategy not in _STRATEGIES:
         raise ConfigError(
@@ -108,46 +113,10 @@ def make_split(
     splits_root.mkdir(exist_ok=True)
     # DuckDB spills beside the dataset: the disk that holds the data has room for its sort runs
     with tempfile.TemporaryDirectory(prefix=".split-spill-", dir=splits_root) as spill:
-        con = _connect(resolved, Path(spill))
-        try:
-            with atomic_directory(splits_root / name) as out:
-                meta = _STRATEGIES[resolved.strategy](con, ds, resolved)
-                parts = (TRAIN, VALID, TEST) if meta.pop("has_valid") else (TRAIN, TEST)
-                counts = {"train": 0, "valid": 0, "test": 0}
-                for part in parts:
-                    reader = con.sql(
-                        f"SELECT {_COLUMNS} FROM assigned WHERE part = {part} "
-                        f"ORDER BY {_OUTPUT_ORDER}"
-                    ).to_arrow_reader(_ROWS_PER_BATCH)
-                    counts[_PART_NAMES[part]] = write_parquet_parts(
-                        reader, out / _PART_NAMES[part], INTERACTIONS_SCHEMA
-                    )
-                users = dict(
-                    con.execute(
-                        "SELECT part, count(DISTINCT user_idx) FROM assigned GROUP BY part"
-                    ).fetchall()
-                )
-                split_json = {
-                    "name": name,
-                    "strategy": resolved.strategy,
-                    "seed": resolved.seed,
-                    "params": dataclasses.asdict(resolved),
-                    "counts": counts,
-                    "users": {_PART_NAMES[p]: int(users.get(p, 0)) for p in parts},
-                    **meta,
-                    "created_at": Manifest.now(),
-                }
-                (out / "split.json").write_text(json.dumps(split_json, indent=2) + "\n")
-        except duckdb.OutOfMemoryException as exc:
-            raise DatasetError(
-                f"split {name!r} of {ds.path}: DuckDB ran out of memory under memory_limit="
-                f"{resolved.memory_limit!r}; raise memory_limit (the [split] config) or free "
-                f"disk for spilling: {exc}"
-            ) from None
-        except duckdb.Error as exc:
-            raise DatasetError(f"split {name!r} of {ds.path}: DuckDB failed: {exc}") from None
-        finally:
-            con.close()
+        if engine == "spark":
+            counts = _split_spark(ds, resolved, splits_root / name, Path(spill), spark)
+        else:
+            counts = _split_duckdb(ds, resolved, splits_root / name, Path(spill))
     log.info(
         "split %r of %s: train %d, valid %d, test %d",
         name,
@@ -157,6 +126,71 @@ def make_split(
         counts["test"],
     )
     return ds.split(name)
+
+
+def _split_json(
+    cfg: SplitConfig, counts: dict[str, int], users: dict[str, int], meta: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "name": cfg.name,
+        "strategy": cfg.strategy,
+        "seed": cfg.seed,
+        "params": dataclasses.asdict(cfg),
+        "counts": counts,
+        "users": users,
+        **meta,
+        "created_at": Manifest.now(),
+    }
+
+
+def _split_spark(
+    ds: Dataset, cfg: SplitConfig, target: Path, spill: Path, spark: Any
+) -> dict[str, int]:
+    from recscale.ingest.spark_engine import spark_assign, write_split_parts
+
+    with atomic_directory(target) as out:
+        assigned, meta, _ = spark_assign(ds, cfg, spark)
+        parts = (TRAIN, VALID, TEST) if meta.pop("has_valid") else (TRAIN, TEST)
+        counts, users = write_split_parts(assigned, parts, out, spill)
+        split_json = _split_json(cfg, counts, users, meta)
+        (out / "split.json").write_text(json.dumps(split_json, indent=2) + "\n")
+    return counts
+
+
+def _split_duckdb(ds: Dataset, cfg: SplitConfig, target: Path, spill: Path) -> dict[str, int]:
+    name = cfg.name
+    con = _connect(cfg, spill)
+    try:
+        with atomic_directory(target) as out:
+            meta = _STRATEGIES[cfg.strategy](con, ds, cfg)
+            parts = (TRAIN, VALID, TEST) if meta.pop("has_valid") else (TRAIN, TEST)
+            counts = {"train": 0, "valid": 0, "test": 0}
+            for part in parts:
+                reader = con.sql(
+                    f"SELECT {_COLUMNS} FROM assigned WHERE part = {part} ORDER BY {_OUTPUT_ORDER}"
+                ).to_arrow_reader(_ROWS_PER_BATCH)
+                counts[_PART_NAMES[part]] = write_parquet_parts(
+                    reader, out / _PART_NAMES[part], INTERACTIONS_SCHEMA
+                )
+            users = dict(
+                con.execute(
+                    "SELECT part, count(DISTINCT user_idx) FROM assigned GROUP BY part"
+                ).fetchall()
+            )
+            by_part = {_PART_NAMES[p]: int(users.get(p, 0)) for p in parts}
+            split_json = _split_json(cfg, counts, by_part, meta)
+            (out / "split.json").write_text(json.dumps(split_json, indent=2) + "\n")
+    except duckdb.OutOfMemoryException as exc:
+        raise DatasetError(
+            f"split {name!r} of {ds.path}: DuckDB ran out of memory under memory_limit="
+            f"{cfg.memory_limit!r}; raise memory_limit (the [split] config) or free "
+            f"disk for spilling: {exc}"
+        ) from None
+    except duckdb.Error as exc:
+        raise DatasetError(f"split {name!r} of {ds.path}: DuckDB failed: {exc}") from None
+    finally:
+        con.close()
+    return counts
 
 
 def _connect(config: SplitConfig, spill: Path) -> duckdb.DuckDBPyConnection:
@@ -284,13 +318,7 @@ def _temporal(con: duckdb.DuckDBPyConnection, ds: Dataset, cfg: SplitConfig) -> 
             valid_cutoff = cfg.valid_cutoff
         elif cfg.valid_quantile is not None:
             valid_cutoff = int(q_valid)
-    if valid_cutoff is not None and valid_cutoff > test_cutoff:
-        raise ConfigError(
-            f"split: the valid cutoff ({valid_cutoff}, from "
-            f"{'valid_cutoff' if cfg.valid_cutoff is not None else 'valid_quantile'}) is after the "
-            f"test cutoff ({test_cutoff}, from {'cutoff' if cfg.cutoff is not None else 'test_quantile'}); "
-            "set valid_cutoff earlier than cutoff"
-        )
+    check_cutoffs(cfg, test_cutoff, valid_cutoff)
     valid_clause = (
         f"WHEN ts >= {int(valid_cutoff)} THEN {VALID}" if valid_cutoff is not None else ""
     )
@@ -315,6 +343,17 @@ def _temporal(con: duckdb.DuckDBPyConnection, ds: Dataset, cfg: SplitConfig) -> 
     }
 
 
+def check_cutoffs(cfg: SplitConfig, test_cutoff: int, valid_cutoff: int | None) -> None:
+    """A valid cutoff after the test cutoff is a ConfigError (both engines)."""
+    if valid_cutoff is not None and valid_cutoff > test_cutoff:
+        raise ConfigError(
+            f"split: the valid cutoff ({valid_cutoff}, from "
+            f"{'valid_cutoff' if cfg.valid_cutoff is not None else 'valid_quantile'}) is after the "
+            f"test cutoff ({test_cutoff}, from {'cutoff' if cfg.cutoff is not None else 'test_quantile'}); "
+            "set valid_cutoff earlier than cutoff"
+        )
+
+
 def _random(con: duckdb.DuckDBPyConnection, ds: Dataset, cfg: SplitConfig) -> dict[str, Any]:
     _register(con, "src", ds.path / "interactions")
     valid_fraction = cfg.valid_fraction if cfg.valid else 0.0
@@ -326,16 +365,19 @@ def _random(con: duckdb.DuckDBPyConnection, ds: Dataset, cfg: SplitConfig) -> di
     return {"has_valid": cfg.valid, "source_rows": int(n_rows)}
 
 
+NO_GIVEN = (
+    "dataset {path} has no split 'given': strategy 'given' reuses the train/test files a source "
+    "was already split into (e.g. LightGCN's train.txt and test.txt), which ingest stores as "
+    "splits/given; this dataset came from unsplit sources, so use strategy 'leave-last', "
+    "'temporal' or 'random'"
+)
+
+
 def _given(con: duckdb.DuckDBPyConnection, ds: Dataset, cfg: SplitConfig) -> dict[str, Any]:
     try:
         given = ds.split("given")
     except SplitNotFoundError:
-        raise SplitNotFoundError(
-            f"dataset {ds.path} has no split 'given': strategy 'given' reuses the train/test files "
-            "a source was already split into (e.g. LightGCN's train.txt and test.txt), which "
-            "ingest stores as splits/given; this dataset came from unsplit sources, so use "
-            "strategy 'leave-last', 'temporal' or 'random'"
-        ) from None
+        raise SplitNotFoundError(NO_GIVEN.format(path=ds.path)) from None
     for part in ("train", "test"):
         if not given.has(part):
             raise DatasetError(f"{given.path}: the given split has no {part!r} part")
