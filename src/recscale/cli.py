@@ -108,6 +108,31 @@ def _file_tables(path: str | None, allowed: set[str]) -> dict[str, Any]:
 # --- subcommands -------------------------------------------------------------------------------
 
 
+def _spark_session(args: argparse.Namespace) -> Any:
+    """The Spark session of ``--engine spark`` (spark-submit's, else one on ``--spark-master``)."""
+    if args.engine != "spark":
+        if args.spark_master is not None:
+            raise ConfigError("--spark-master is for --engine spark; add --engine spark or drop it")
+        return None
+    from recscale.ingest.spark_engine import spark_session
+
+    return spark_session(args.spark_master)
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        choices=["duckdb", "spark"],
+        default="duckdb",
+        help="duckdb (one machine, out-of-core; default) or spark (PySpark; same output)",
+    )
+    p.add_argument(
+        "--spark-master",
+        metavar="URL",
+        help="--engine spark outside spark-submit: the master, e.g. local[4] (default local[*])",
+    )
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from recscale.ingest import format_quality, ingest
 
@@ -132,7 +157,15 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     if args.order_from_input:
         flags["order_from_input"] = True
     config = _merge(IngestConfig, tables, "ingest", flags, args.config or "flags")
-    result = ingest(args.sources, args.out, config, append=args.append, progress=not args.quiet)
+    result = ingest(
+        args.sources,
+        args.out,
+        config,
+        append=args.append,
+        progress=not args.quiet,
+        engine=args.engine,
+        spark=_spark_session(args),
+    )
     print(format_quality(result.quality))
     print(f"wrote {result.dataset.path}")
     return 0
@@ -155,7 +188,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
     if args.no_valid:
         flags["valid"] = False
     config = _merge(SplitConfig, tables, "split", flags, args.config or "flags")
-    split = make_split(args.dataset, config)
+    split = make_split(args.dataset, config, engine=args.engine, spark=_spark_session(args))
     counts = split.meta["counts"]
     print(
         f"split {split.name!r} ({config.strategy}): train {counts['train']:,}  "
@@ -257,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"recscale {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("ingest", help="raw logs -> dataset directory (DuckDB, out-of-core)")
+    p = sub.add_parser("ingest", help="raw logs -> dataset directory (DuckDB or Spark)")
     p.add_argument("sources", nargs="+", help="files, globs or directories")
     p.add_argument("--out", required=True, help="dataset directory to write")
     p.add_argument(
@@ -287,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--append", action="store_true", help="add to an existing dataset, keeping its indices"
     )
     p.add_argument("--config", help="TOML file with an [ingest] table")
+    _engine_flags(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_ingest)
 
@@ -302,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", type=int, help="temporal: cutoff as a unix time")
     p.add_argument("--no-valid", action="store_true", help="no validation carve-out")
     p.add_argument("--config", help="TOML file with a [split] table")
+    _engine_flags(p)
     p.set_defaults(func=_cmd_split)
 
     p = sub.add_parser("train", help="train a model on a split; writes a run directory")

@@ -7,9 +7,11 @@ directory, split included, through the dataset module's own writers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,12 +20,18 @@ import pyarrow.parquet as pq
 from recscale.dataset import (
     INTERACTIONS_SCHEMA,
     USERS_SCHEMA,
+    Dataset,
     Interactions,
     Manifest,
+    open_dataset,
+    read_parts,
     write_parquet_parts,
 )
 
-__all__ = ["block_log", "interactions", "write_tiny_dataset"]
+__all__ = ["assert_dataset_equal", "block_log", "interactions", "write_tiny_dataset"]
+
+# what may differ between two ingests of the same sources: when and how fast, and by which engine
+_RUN_KEYS = {"seconds", "rows_per_second", "created_at", "created_by"}
 
 
 def interactions(
@@ -150,3 +158,59 @@ def write_tiny_dataset(
     }
     (split_dir / "split.json").write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def _same(what: str, a: Any, b: Any) -> None:
+    if a != b:
+        if isinstance(a, list) and isinstance(b, list):
+            for i, (x, y) in enumerate(zip(a, b, strict=False)):
+                if x != y:
+                    raise AssertionError(f"{what}: first difference at row {i}: {x!r} != {y!r}")
+            raise AssertionError(f"{what}: {len(a)} rows != {len(b)} rows")
+        raise AssertionError(f"{what}: {a!r} != {b!r}")
+
+
+def _table(what: str, a: pa.Table, b: pa.Table) -> None:
+    if not a.schema.equals(b.schema):
+        raise AssertionError(f"{what}: schema {a.schema} != {b.schema}")
+    _same(what, a.to_pylist(), b.to_pylist())
+
+
+def _without(d: Mapping[str, Any], keys: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def assert_dataset_equal(
+    a: str | Path | Dataset, b: str | Path | Dataset, *, splits: bool = True
+) -> None:
+    """Fail with the first difference unless two datasets hold the same data.
+
+    Compared: every interaction in file order (schema included), users and items with their
+    features, rejected rows (file, line, raw text, reason, detail), the manifest and the quality
+    report (all but times, speeds and the engine's name), and with ``splits`` every split's parts
+    and ``split.json`` (all but ``created_at``). Two engines that ingest the same sources must
+    pass it.
+    """
+    da = a if isinstance(a, Dataset) else open_dataset(a)
+    db = b if isinstance(b, Dataset) else open_dataset(b)
+    _table("interactions", da.interactions_table(), db.interactions_table())
+    _table("users", da.users, db.users)
+    _table("items", da.items, db.items)
+    _table("rejected", read_parts(da.path / "rejected"), read_parts(db.path / "rejected"))
+    ma, mb = dataclasses.asdict(da.manifest), dataclasses.asdict(db.manifest)
+    ma["options"] = _without(ma.get("options", {}), {"engine"})
+    mb["options"] = _without(mb.get("options", {}), {"engine"})
+    _same("manifest", _without(ma, _RUN_KEYS), _without(mb, _RUN_KEYS))
+    _same("quality.json", _without(da.quality, _RUN_KEYS), _without(db.quality, _RUN_KEYS))
+    if not splits:
+        return
+    _same("splits", da.split_names(), db.split_names())
+    for name in da.split_names():
+        sa, sb = da.split(name), db.split(name)
+        _same(
+            f"split {name!r} split.json", _without(sa.meta, _RUN_KEYS), _without(sb.meta, _RUN_KEYS)
+        )
+        for part in ("train", "valid", "test"):
+            _same(f"split {name!r} has {part}", sa.has(part), sb.has(part))
+            if sa.has(part):
+                _table(f"split {name!r} {part}", sa.table(part), sb.table(part))
