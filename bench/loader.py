@@ -1,0 +1,229 @@
+"""Loader throughput: recscale's StreamLoader against the plain PyTorch DataLoader and the raw
+pyarrow read rate of the same files, with 0, 1 and 2 workers, side by side in one run.
+
+Writes a split part of N generated rows (the dataset contract's schema: user_idx, item_idx int32,
+ts int64, value float32; zstd; row groups of 1M rows), then measures samples/s of:
+
+- raw read: every row group's user_idx and item_idx decoded to NumPy and nothing else, in as many
+  processes as the loader has readers (the physical limit on this machine);
+- recscale: ``StreamLoader`` batches of ``--batch-size`` (shuffled row-group order + shuffle
+  windows of ``--shuffle-buffer`` rows, one uniform negative per row), with known positives
+  rejected and without;
+- plain DataLoader: a map-style ``Dataset`` over the same rows held in memory, one
+  ``__getitem__`` per row returning (user, item, uniform negative), ``shuffle=True``, the default
+  collate; timed over ``--plain-batches`` batches, since a full epoch takes minutes;
+- Petastorm's ``make_batch_reader`` + ``BatchedDataLoader``, when it installs and imports.
+
+Every configuration runs in its own process, one after the other, so it has the machine to itself.
+Prints a table of samples/s and ratios and writes it to bench/out/loader.md.
+
+    python bench/loader.py --rows 10000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+HERE = Path(__file__).resolve().parent
+
+MEASURE = r"""
+import json, sys, time
+import numpy as np
+kind, part, workers, batch_size, buffer, limit, n_items = sys.argv[1:8]
+workers, batch_size, buffer, limit, n_items = map(int, (workers, batch_size, buffer, limit, n_items))
+
+def report(samples, seconds, **extra):
+    print(json.dumps({"samples": int(samples), "seconds": seconds, **extra}))
+
+if kind == "raw":
+    import multiprocessing as mp
+    import pyarrow.parquet as pq
+    from recscale.loader import RowGroups
+
+    def read(share):
+        groups, rows = RowGroups.of_directory(part), 0
+        for g in share:
+            t = pq.ParquetFile(groups.paths[groups.file[g]]).read_row_group(
+                int(groups.group[g]), columns=["user_idx", "item_idx"], use_threads=False)
+            users, items = t.column("user_idx").to_numpy(), t.column("item_idx").to_numpy()
+            rows += len(users)
+        return rows
+
+    n = len(RowGroups.of_directory(part))
+    shares = [list(range(w, n, max(workers, 1))) for w in range(max(workers, 1))]
+    t0 = time.perf_counter()
+    if workers <= 1:
+        rows = read(shares[0])
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            rows = sum(pool.map(read, shares))
+    report(rows, time.perf_counter() - t0)
+
+elif kind in ("stream", "stream-reject"):
+    from recscale.loader import StreamLoader
+    t0 = time.perf_counter()
+    loader = StreamLoader(part, n_items=n_items, batch_size=batch_size, shuffle_buffer=buffer,
+                          num_workers=workers, reject_positives=kind == "stream-reject")
+    setup = time.perf_counter() - t0
+    samples = 0
+    t0 = time.perf_counter()
+    for batch in loader:
+        samples += len(batch["users"])
+    report(samples, time.perf_counter() - t0, setup_seconds=round(setup, 2))
+
+elif kind == "plain":
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from recscale.dataset.store import read_parts
+
+    table = read_parts(part, ["user_idx", "item_idx"])
+    users = table.column("user_idx").to_numpy()
+    items = table.column("item_idx").to_numpy()
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return len(users)
+
+        def __getitem__(self, i):
+            return int(users[i]), int(items[i]), int(np.random.randint(n_items))
+
+    loader = DataLoader(Pairs(), batch_size=batch_size, shuffle=True, num_workers=workers)
+    samples = 0
+    t0 = time.perf_counter()
+    for b, (u, i, j) in enumerate(loader):
+        samples += len(u)
+        if b + 1 == limit:
+            break
+    report(samples, time.perf_counter() - t0)
+
+elif kind == "petastorm":
+    from petastorm import make_batch_reader
+    from petastorm.pytorch import BatchedDataLoader
+    from pathlib import Path
+    url = Path(part).resolve().as_uri()
+    samples = 0
+    t0 = time.perf_counter()
+    with make_batch_reader(url, num_epochs=1, workers_count=max(workers, 1),
+                           schema_fields=["user_idx", "item_idx"]) as reader:
+        for batch in BatchedDataLoader(reader, batch_size=batch_size, shuffling_queue_capacity=buffer):
+            samples += len(batch["user_idx"])
+    report(samples, time.perf_counter() - t0)
+"""
+
+
+def write_part(directory: Path, rows: int, seed: int = 0) -> tuple[int, int]:
+    """``rows`` interactions of ``rows // 10`` users and ``rows // 50`` items, popularity-skewed."""
+    from recscale.dataset.files import write_parquet_parts
+    from recscale.dataset.schema import INTERACTIONS_SCHEMA
+
+    n_users, n_items = max(rows // 10, 10), max(rows // 50, 10)
+    marker = directory / "rows.json"
+    if marker.exists() and json.loads(marker.read_text()) == {"rows": rows, "seed": seed}:
+        return n_users, n_items
+    rng = np.random.default_rng(seed)
+
+    def batches():
+        chunk = 1_000_000
+        for start in range(0, rows, chunk):
+            n = min(chunk, rows - start)
+            yield pa.record_batch(
+                {
+                    "user_idx": pa.array(rng.integers(0, n_users, n, dtype=np.int32)),
+                    # P(item < x) = (x / n_items) ** (1/3): a few items take most views
+                    "item_idx": pa.array((n_items * rng.random(n) ** 3).astype(np.int32)),
+                    "ts": pa.array(np.arange(start, start + n, dtype=np.int64)),
+                    "value": pa.array(np.ones(n, dtype=np.float32)),
+                },
+                schema=INTERACTIONS_SCHEMA,
+            )
+
+    write_parquet_parts(batches(), directory, INTERACTIONS_SCHEMA)
+    marker.write_text(json.dumps({"rows": rows, "seed": seed}))
+    return n_users, n_items
+
+
+def measure(kind: str, part: Path, workers: int, args: argparse.Namespace, n_items: int) -> dict:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEASURE,
+            kind,
+            str(part),
+            str(workers),
+            str(args.batch_size),
+            str(args.shuffle_buffer),
+            str(args.plain_batches),
+            str(n_items),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": last}
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["rate"] = result["samples"] / result["seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--shuffle-buffer", type=int, default=1_000_000)
+    parser.add_argument("--plain-batches", type=int, default=100)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    args = parser.parse_args()
+
+    part = args.out / "loader" / f"rows-{args.rows}"
+    t0 = time.perf_counter()
+    _, n_items = write_part(part, args.rows)
+    print(f"split part of {args.rows:,} rows at {part} ({time.perf_counter() - t0:.0f} s)")
+
+    kinds = [
+        ("raw", "raw pyarrow read (the limit)"),
+        ("stream", "recscale StreamLoader"),
+        ("stream-reject", "recscale StreamLoader, rejecting positives"),
+        ("plain", "plain DataLoader (per-row `__getitem__`)"),
+        ("petastorm", "Petastorm `BatchedDataLoader`"),
+    ]
+    results: dict[tuple[str, int], dict] = {}
+    for workers in args.workers:
+        for kind, label in kinds:
+            results[kind, workers] = r = measure(kind, part, workers, args, n_items)
+            shown = r.get("error") or f"{r['rate']:,.0f} samples/s ({r['seconds']:.1f} s)"
+            print(f"workers={workers} {label}: {shown}", flush=True)
+
+    lines = [
+        "| workers | loader | samples/s | vs plain DataLoader | vs raw read |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for workers in args.workers:
+        raw = results["raw", workers].get("rate")
+        plain = results["plain", workers].get("rate")
+        for kind, label in kinds:
+            r = results[kind, workers]
+            if "error" in r:
+                lines.append(f"| {workers} | {label} | — ({r['error'][:90]}) | — | — |")
+                continue
+            vs_plain = f"{r['rate'] / plain:,.1f}×" if plain else "—"
+            vs_raw = f"{r['rate'] / raw:.0%}" if raw else "—"
+            lines.append(f"| {workers} | {label} | {r['rate']:,.0f} | {vs_plain} | {vs_raw} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    (args.out / "loader.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
