@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ def train_with_spark(
 
     The active Spark session is used; without one, a ``local[num_processes]`` session is started
     (and stopped at the end), unless the process was started by ``spark-submit``, whose master
-    and configuration are then taken. GPUs are used when ``config.device`` resolves to CUDA.
+    and configuration are then taken. The ranks train on GPUs, one each, when ``config.device``
+    resolves to CUDA on this machine (local mode), or on a cluster when it is ``cuda``, or
+    ``auto`` with GPUs scheduled to Spark's tasks (``spark.task.resource.gpu.amount``).
     Returns the run directory. On a cluster, ``dataset`` and ``run_dir`` must be paths every
     executor sees (a shared filesystem).
     """
@@ -63,9 +66,7 @@ def train_with_spark(
 
     # bad input is refused here, before Spark and torchrun start
     params = model_params(config.model, model_params_table)
-    use_gpu = resolve_device(config.device).type == "cuda"
-    world = World(0, num_processes)
-    check_world(get_model_class(config.model), config, world)
+    check_world(get_model_class(config.model), config, World(0, num_processes))
 
     spark = SparkSession.getActiveSession()
     started = spark is None
@@ -75,9 +76,12 @@ def train_with_spark(
         # (PYSPARK_GATEWAY_PORT); started from the shell, training runs on this machine
         if "PYSPARK_GATEWAY_PORT" not in os.environ:
             builder = builder.master(f"local[{num_processes}]")
+            if resolve_device(config.device).type == "cuda":
+                builder = _with_driver_gpus(builder, num_processes)
         spark = builder.getOrCreate()
     try:
         local = spark.sparkContext.master.startswith("local")
+        use_gpu = _use_gpu(config.device, spark, local=local)
         log.info(
             "TorchDistributor: %d processes, %s, %s",
             num_processes,
@@ -104,6 +108,38 @@ def train_with_spark(
         if started:
             spark.stop()
     return Path(path)
+
+
+def _use_gpu(device: str, spark: Any, *, local: bool) -> bool:
+    """Whether the ranks train on GPUs: TorchDistributor then gives each rank its own."""
+    if local:  # the ranks run on this machine: its CUDA decides, as for one process
+        return resolve_device(device).type == "cuda"
+    if device == "auto":
+        # the executors train, not this driver: GPUs when Spark schedules some to every task
+        return float(spark.conf.get("spark.task.resource.gpu.amount", "0")) > 0
+    return device.startswith("cuda")
+
+
+def _with_driver_gpus(builder: Any, num_processes: int) -> Any:
+    """A local session that owns this machine's GPUs, which local TorchDistributor hands out.
+
+    Spark learns a driver's GPUs from a discovery script that prints their addresses.
+    """
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < num_processes:
+        raise ConfigError(
+            f"train: --spark {num_processes} on CUDA needs one GPU per process, and this machine "
+            f"has {count}; use --spark {count} or --device cpu"
+        )
+    script = Path(tempfile.mkdtemp(prefix="recscale-gpus-")) / "gpus.sh"
+    addresses = ", ".join(f'"{i}"' for i in range(count))
+    script.write_text(f'#!/bin/sh\necho \'{{"name": "gpu", "addresses": [{addresses}]}}\'\n')
+    script.chmod(0o755)
+    return builder.config("spark.driver.resource.gpu.amount", str(count)).config(
+        "spark.driver.resource.gpu.discoveryScript", str(script)
+    )
 
 
 def _train_rank(
