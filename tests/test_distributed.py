@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,6 +281,21 @@ def test_resume_under_torchrun(dataset: Path, sasrec_runs: dict[str, Path], tmp_
 
     _train(dataset, tmp_path, [*SASREC, "--resume"], nproc=2)
     _assert_close(sasrec_runs["two"] / "run", tmp_path / "run", EXACT_LOSS_RTOL, EXACT_METRIC_ATOL)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resume_needs_the_same_number_of_processes(
+    dataset: Path, sasrec_runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(sasrec_runs["two"] / "run", tmp_path / "run")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    args = [str(dataset), "--split=given", f"--epochs={EPOCHS}", "--device=cpu", "--quiet"]
+    assert main(["train", *args, f"--run-dir={tmp_path / 'run'}", *SASREC, "--resume"]) == 1
+    assert "was written by a run of 2 processes; resume it with the same number (now 1)" in (
+        capsys.readouterr().err
+    )
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.distributed

@@ -132,6 +132,13 @@ def fit(
             raise RunError(
                 f"{last_path} holds a {checkpoint['model_name']!r} model, not {model.name!r}"
             )
+        trained_by = (checkpoint or {}).get("loader", {}).get("world_size", world.world_size)
+        if trained_by != world.world_size:
+            raise RunError(
+                f"{last_path} was written by a run of {trained_by} processes; resume it with "
+                f"the same number (now {world.world_size}), so that its batches and steps "
+                "continue as they were"
+            )
         counters: dict[str, Any] = {
             "epoch": 0,  # epochs completed
             "step": 0,  # optimizer steps taken
@@ -240,13 +247,6 @@ def fit(
         loader = model.make_loader(train, config, world=world)
         total_steps = config.epochs * len(loader)
         if checkpoint is not None:
-            trained_by = checkpoint["loader"].get("world_size", 1)
-            if trained_by != world.world_size:
-                raise RunError(
-                    f"{last_path} was written by a run of {trained_by} process(es); resume it "
-                    f"with the same number (now {world.world_size}), so its batches and steps "
-                    "continue as they were"
-                )
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             loader.load_state_dict(checkpoint["loader"])
