@@ -358,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir",
         "--run",
         dest="run",
+        metavar="RUN_DIR",
         help="run directory (default: runs/<dataset>-<model>)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
