@@ -318,6 +318,14 @@ class TrainConfig:
     sampling: typing.Literal["interactions", "users"] = "interactions"
     # negative sampling: redraw negatives that are among the user's training items
     reject_positives: bool = True
+    # where batches come from: the train part held in memory ("memory"), or streamed from its
+    # Parquet row groups ("stream", recscale.loader.StreamLoader: the loader's memory is
+    # bounded by shuffle_buffer rows, whatever the size of the log)
+    loader: typing.Literal["memory", "stream"] = "memory"
+    # stream: rows shuffled together in memory (the row groups' order is shuffled too)
+    shuffle_buffer: int = 1_000_000
+    # stream: DataLoader worker processes that read, shuffle and batch beside training
+    num_workers: int = 0
     # learning rate over the run: the model's lr throughout ("constant") or decayed to 0 at the
     # last step of `epochs` along half a cosine ("cosine")
     lr_schedule: typing.Literal["constant", "cosine"] = "cosine"
@@ -342,6 +350,14 @@ class TrainConfig:
         )
         if self.patience < 0 or self.validate_users < 0:
             raise ConfigError("train: patience and validate_users must be >= 0")
+        _positive("train", shuffle_buffer=self.shuffle_buffer)
+        if self.num_workers < 0:
+            raise ConfigError(f"train: num_workers must be >= 0, got {self.num_workers}")
+        if self.loader == "stream" and self.sampling != "interactions":
+            raise ConfigError(
+                "train: loader = 'stream' reads each training row once per epoch; sampling = "
+                f"{self.sampling!r} draws users at random and needs loader = 'memory'"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ which model they hold. Two kinds exist:
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from recscale.dataset import Interactions
 from recscale.errors import ConfigError, ModelError
-from recscale.loader import InMemoryLoader, World
+from recscale.loader import InMemoryLoader, StreamLoader, World
 
 __all__ = ["Recommender", "TorchRecommender", "rank_batch_size"]
 
@@ -165,7 +166,14 @@ class TorchRecommender(torch.nn.Module, Recommender):
     def make_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer over this model's parameters, built from its hyper-parameters."""
 
-    def make_loader(self, train: Interactions, config: Any, *, world: World | None = None) -> Any:
+    def make_loader(
+        self,
+        train: Interactions,
+        config: Any,
+        *,
+        world: World | None = None,
+        source: str | Path | None = None,
+    ) -> Any:
         """The batches this rank trains on (``config`` is the run's ``TrainConfig``).
 
         ``world`` is this process's rank among the training processes (one process without it):
@@ -174,12 +182,33 @@ class TorchRecommender(torch.nn.Module, Recommender):
         ``b`` of ``config.batch_size`` rows.
 
         The default is (user, positive, negatives) rows from
-        :class:`~recscale.loader.InMemoryLoader`; sequence models return their own loader with
+        :class:`~recscale.loader.InMemoryLoader`, or, with ``config.loader = "stream"``, from
+        :class:`~recscale.loader.StreamLoader` over ``source``, the split part's Parquet
+        directory; sequence models return their own loader with
         the same protocol: ``__iter__`` over the rest of the epoch, ``__len__`` (batches per
         epoch), ``rows_per_epoch`` (of this rank), ``batch`` (position in the epoch),
         ``state_dict`` and ``load_state_dict``.
         """
         world = world or World()
+        if config.loader == "stream":
+            if source is None:
+                raise ConfigError(
+                    "train: loader = 'stream' reads the split's Parquet files; train through "
+                    "recscale.train.train (or `recscale train`), which knows where they are"
+                )
+            return StreamLoader(
+                source,
+                n_items=self.n_items,
+                batch_size=rank_batch_size(config.batch_size, world),
+                n_negatives=self.n_negatives,
+                shuffle_buffer=config.shuffle_buffer,
+                num_workers=config.num_workers,
+                seed=config.seed,
+                reject_positives=config.reject_positives,
+                world=world,
+                # pinned batches copy to the GPU without a staging copy
+                pin_memory=self.device.type == "cuda",
+            )
         return InMemoryLoader(
             train,
             batch_size=rank_batch_size(config.batch_size, world),

@@ -241,8 +241,18 @@ class SASRec(TorchRecommender):
         self.history.copy_(torch.from_numpy(window))
 
     def make_loader(
-        self, train: Interactions, config: Any, *, world: World | None = None
+        self,
+        train: Interactions,
+        config: Any,
+        *,
+        world: World | None = None,
+        source: Any = None,
     ) -> SequenceLoader:
+        if config.loader != "memory":
+            raise ConfigError(
+                f"model sasrec trains on whole user sequences: loader = {config.loader!r} "
+                "streams single rows; use loader = 'memory'"
+            )
         world = world or World()
         return SequenceLoader(
             train,

@@ -93,13 +93,15 @@ def fit(
     resume: bool = False,
     run_config: dict[str, Any] | None = None,
     items: pa.Table | None = None,
+    train_files: str | Path | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train`` into ``run_dir``; validate on ``valid`` when there is one.
 
     Writes ``run_dir/checkpoints/{last,best}.pt``, ``metrics.jsonl`` and ``tensorboard/``.
     ``resume=True`` continues from ``checkpoints/last.pt`` when it exists (else starts afresh).
     ``run_config`` is the full resolved config stored in every checkpoint (default: ``[train]``
-    and ``[model]``); ``items`` is the dataset's item table, for models with item features. On
+    and ``[model]``); ``items`` is the dataset's item table, for models with item features;
+    ``train_files`` is the train part's Parquet directory, which ``loader = "stream"`` reads. On
     return the model holds the best validated weights, or the last ones when there was no
     validation.
 
@@ -244,7 +246,7 @@ def fit(
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         # this rank's share of every epoch, batch_size / world_size rows per step: the ranks'
         # batch b together are the global batch b of one process
-        loader = model.make_loader(train, config, world=world)
+        loader = model.make_loader(train, config, world=world, source=train_files)
         total_steps = config.epochs * len(loader)
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])

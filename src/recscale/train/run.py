@@ -120,6 +120,7 @@ def train(
             resume=resume,
             run_config=resolved,
             items=ds.items,
+            train_files=split.path / "train",
         )
         if main:
             write_embeddings(run_dir / "embeddings", model)
