@@ -337,6 +337,13 @@ def test_one_shot_models_are_refused_under_several_processes() -> None:
     check_world(MFBPR, TrainConfig(batch_size=2048), World(1, 4))
 
 
+def test_sparse_gradients_are_refused_under_several_processes() -> None:
+    sparse = MFBPR.Params(sparse=True)
+    with pytest.raises(ConfigError, match="sparse = true trains in one process"):
+        check_world(MFBPR, TrainConfig(), World(0, 2), sparse)
+    check_world(MFBPR, TrainConfig(), World(), sparse)
+
+
 def test_one_gpu_for_every_rank_is_refused() -> None:
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
     with pytest.raises(ConfigError, match="'cuda:0' would put all 2 torchrun processes on one GPU"):

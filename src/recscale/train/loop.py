@@ -124,7 +124,7 @@ def fit(
         # rank 0 alone writes the run directory and shows progress: the other ranks compute the
         # same model, and two writers would interleave lines and race on every file
         main = world.rank == 0
-        check_world(type(model), config, world)
+        check_world(type(model), config, world, model.params)
 
         # every rank resumes from the same checkpoint, as rank 0 sees it
         checkpoint = None
@@ -400,11 +400,14 @@ def fit(
         return _result(counters, metric, started)
 
 
-def check_world(model_class: type[Recommender], config: TrainConfig, world: World) -> None:
+def check_world(
+    model_class: type[Recommender], config: TrainConfig, world: World, params: Any = None
+) -> None:
     """What training by ``world.world_size`` processes needs: a batched model, equal shares.
 
     One-shot models (popularity, iALS, EASE, ...) are a ConfigError rather than fitted by rank 0
-    alone: the other processes would only wait, and the user asked for something else.
+    alone: the other processes would only wait, and the user asked for something else. So are
+    sparse gradients (``params.sparse``): DDP all-reduces dense gradient buckets.
     """
     if world.world_size == 1:
         return
@@ -412,6 +415,12 @@ def check_world(model_class: type[Recommender], config: TrainConfig, world: Worl
         raise ConfigError(
             f"train: model {model_class.name!r} is fitted in one call by one process and has no batches "
             f"to share between {world.world_size} processes; train it without torchrun or --spark"
+        )
+    if getattr(params, "sparse", False):
+        raise ConfigError(
+            f"train: model {model_class.name!r} with sparse = true trains in one process; "
+            f"DDP across {world.world_size} processes all-reduces dense gradients: set "
+            "sparse = false"
         )
     rank_batch_size(config.batch_size, world)
 

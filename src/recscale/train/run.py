@@ -105,7 +105,7 @@ def train(
         }
         model = create_model(config.model, params, ds.n_users, ds.n_items, seed=config.seed)
         # bad input is refused before anything is written
-        check_world(type(model), config, world)
+        check_world(type(model), config, world, params)
         # rank 0 checks and writes; its error, if any, stops every rank with the same message
         distributed.on_rank0(lambda: _prepare_run_dir(run_dir, resolved, resume=resume))
 

@@ -66,7 +66,7 @@ def train_with_spark(
 
     # bad input is refused here, before Spark and torchrun start
     params = model_params(config.model, model_params_table)
-    check_world(get_model_class(config.model), config, World(0, num_processes))
+    check_world(get_model_class(config.model), config, World(0, num_processes), params)
 
     spark = SparkSession.getActiveSession()
     started = spark is None
