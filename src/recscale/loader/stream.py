@@ -23,6 +23,8 @@ only the window each worker stopped in. Batches are dicts of int64 tensors, ``us
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ __all__ = [
     "reader_range",
     "reader_spans",
 ]
+
+log = logging.getLogger("recscale.loader")
 
 USER, ITEM = "user_idx", "item_idx"
 # generator streams of one reader: window orders and batch negatives never share draws
@@ -373,7 +377,17 @@ class StreamLoader(EpochLoader):
             if negatives == "popularity"
             else None
         )
+        t0 = time.perf_counter()
         self.keys = self._positive_keys() if reject_positives else None
+        if self.keys is not None:
+            # the one structure that grows with the log: say what it costs
+            log.info(
+                "stream loader: %s known (user, item) pairs held for rejecting positives "
+                "(%.0f MiB, built in %.1f s); reject_positives = false does without",
+                f"{len(self.keys):,}",
+                (self.keys.keys.nbytes + self.keys.start.nbytes) / 2**20,
+                time.perf_counter() - t0,
+            )
         self.epoch = 0
         self.batch = 0
 
