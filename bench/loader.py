@@ -41,7 +41,12 @@ kind, part, workers, batch_size, buffer, limit, n_items = sys.argv[1:8]
 workers, batch_size, buffer, limit, n_items = map(int, (workers, batch_size, buffer, limit, n_items))
 
 def report(samples, seconds, **extra):
-    print(json.dumps({"samples": int(samples), "seconds": seconds, **extra}))
+    import resource
+    # this process and its finished workers; KiB on Linux
+    peak = max(resource.getrusage(who).ru_maxrss for who in
+               (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(json.dumps({"samples": int(samples), "seconds": seconds, "peak_mib": peak / 1024,
+                      **extra}))
 
 if kind == "raw":
     import multiprocessing as mp
@@ -151,26 +156,16 @@ def write_part(directory: Path, rows: int, seed: int = 0) -> tuple[int, int]:
 
 
 def measure(kind: str, part: Path, workers: int, args: argparse.Namespace, n_items: int) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            MEASURE,
-            kind,
-            str(part),
-            str(workers),
-            str(args.batch_size),
-            str(args.shuffle_buffer),
-            str(args.plain_batches),
-            str(n_items),
-        ],
-        capture_output=True,
-        text=True,
+    """One configuration in its own process: samples/s and the peak RSS of its largest process."""
+    command = [sys.executable, "-c", MEASURE, kind, str(part), str(workers)]
+    command += [str(args.batch_size), str(args.shuffle_buffer), str(args.plain_batches)]
+    proc = subprocess.Popen(
+        [*command, str(n_items)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": last}
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        return {"error": (err.strip().splitlines() or ["(no output)"])[-1]}
+    result = json.loads(out.strip().splitlines()[-1])
     result["rate"] = result["samples"] / result["seconds"]
     return result
 
@@ -205,8 +200,8 @@ def main() -> None:
             print(f"workers={workers} {label}: {shown}", flush=True)
 
     lines = [
-        "| workers | loader | samples/s | vs plain DataLoader | vs raw read |",
-        "|---:|---|---:|---:|---:|",
+        "| workers | loader | samples/s | vs plain DataLoader | vs raw read | peak RSS MiB |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for workers in args.workers:
         raw = results["raw", workers].get("rate")
@@ -214,11 +209,14 @@ def main() -> None:
         for kind, label in kinds:
             r = results[kind, workers]
             if "error" in r:
-                lines.append(f"| {workers} | {label} | — ({r['error'][:90]}) | — | — |")
+                lines.append(f"| {workers} | {label} | — ({r['error'][:90]}) | — | — | — |")
                 continue
             vs_plain = f"{r['rate'] / plain:,.1f}×" if plain else "—"
             vs_raw = f"{r['rate'] / raw:.0%}" if raw else "—"
-            lines.append(f"| {workers} | {label} | {r['rate']:,.0f} | {vs_plain} | {vs_raw} |")
+            lines.append(
+                f"| {workers} | {label} | {r['rate']:,.0f} | {vs_plain} | {vs_raw} | "
+                f"{r['peak_mib']:,.0f} |"
+            )
     table = "\n".join(lines)
     print()
     print(table)
