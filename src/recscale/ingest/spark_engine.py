@@ -107,13 +107,11 @@ def _settings(spark: SparkSession) -> Iterator[None]:
     """Session settings the rules rely on, restored afterwards.
 
     UTC (times without a zone are UTC, as in DuckDB), non-ANSI arithmetic (64-bit multiplication
-    wraps, which DuckDB's hash needs) and backslash escapes in SQL literals (how :func:`to_spark`
-    writes them).
+    wraps, which DuckDB's hash needs) and ``size(NULL)`` NULL, as DuckDB's ``len``.
     """
     wanted = {
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.ansi.enabled": "false",
-        "spark.sql.parser.escapedStringLiterals": "false",
         "spark.sql.legacy.sizeOfNull": "false",
     }
     old = {k: spark.conf.get(k, None) for k in wanted}
@@ -278,6 +276,25 @@ class SparkIngest:
         df.write.mode("overwrite").parquet(str(path))
         return self.spark.read.parquet(str(path))
 
+    def values(self, rows: Sequence[tuple[Any, ...]], schema: str) -> DataFrame:
+        """A small DataFrame of literal rows (SQL VALUES: no Python-side conversion)."""
+        names = [c.split()[0] for c in schema.split(",")]
+        types = [c.split()[1] for c in schema.split(",")]
+        if not rows:
+            return self.spark.sql(
+                "SELECT "
+                + ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in zip(names, types, strict=True))
+            ).limit(0)
+
+        def lit(v: Any, t: str) -> str:
+            return f"CAST({_lit(v) if isinstance(v, str) else int(v)} AS {t})"
+
+        body = ", ".join(
+            "(" + ", ".join(lit(v, t) for v, t in zip(row, types, strict=True)) + ")"
+            for row in rows
+        )
+        return self.spark.sql(f"SELECT * FROM VALUES {body} AS t({', '.join(names)})")
+
     def expr(self, sql: str) -> Column:
         return self.F.expr(sql)
 
@@ -304,7 +321,7 @@ class SparkIngest:
         for p, k0, n in parts:
             offsets.append((p, k0, total))
             total += n
-        offs = self.spark.createDataFrame(offsets, "_p INT, _k0 BIGINT, _off BIGINT")
+        offs = self.values(offsets, "_p INT, _k0 BIGINT, _off BIGINT")
         return (
             tagged.join(F.broadcast(offs), "_p")
             .withColumn("idx", (F.col("_off") + F.col("_k") - F.col("_k0")).cast("int"))
@@ -384,7 +401,9 @@ class SparkIngest:
         raw = (
             "CASE rreason WHEN 'bad_encoding' THEN "
             + _MAKE_VALID.replace("l1", "decode(b, 'ISO-8859-1')")
-            + " WHEN 'bad_line' THEN l0 END"
+            # DuckDB keeps the first 10,000 characters of a line longer than its buffer
+            + f" WHEN 'bad_line' THEN CASE WHEN octet_length(b) > {limit} THEN substr(l0, 1, 10000) "
+            "ELSE l0 END END"
         )
         return (
             df.withColumn("rreason", self.expr(reason))
@@ -638,7 +657,15 @@ class SparkIngest:
 
         def text(role: str) -> Column:
             c = col(role)
-            return F.lit(None).cast("string") if c is None else self.expr(f"CAST({c} AS STRING)")
+            if c is None:
+                return F.lit(None).cast("string")
+            if types.get(spec.roles[role] or "") == "float":
+                # DuckDB's spellings of the special values (Spark's are NaN, Infinity)
+                return self.expr(
+                    f"CASE WHEN isnan({c}) THEN 'nan' WHEN {c} = double('inf') THEN 'inf' "
+                    f"WHEN {c} = double('-inf') THEN '-inf' ELSE CAST({c} AS STRING) END"
+                )
+            return self.expr(f"CAST({c} AS STRING)")
 
         overrides: dict[str, str] = {}
         for role, p in (("user", "u"), ("item", "i")):
@@ -1013,7 +1040,7 @@ class SparkIngest:
             for b, m0, n in sorted(bs):
                 offsets.append((src, b, m0, total))
                 total += n
-        offs = self.spark.createDataFrame(offsets, "src INT, _b BIGINT, _m0 BIGINT, _off BIGINT")
+        offs = self.values(offsets, "src INT, _b BIGINT, _m0 BIGINT, _off BIGINT")
         return rows.join(F.broadcast(offs), ["src", "_b"]).withColumn(
             "line", F.col("_off") + F.col("_m") - F.col("_m0") + 1
         )
@@ -1071,7 +1098,7 @@ class SparkIngest:
         text = self._line_numbers(rows.filter(~F.col("src").isin(parquet_src)))
         text = text.select(*rows.columns, "line")
         pq_rows = rows.filter(F.col("src").isin(parquet_src)).withColumn("line", F.col("_m") + 1)
-        paths = self.spark.createDataFrame(
+        paths = self.values(
             [(s.src, str(s.spec.path)) for s in self.sources], "src INT, source STRING"
         )
         out = (
