@@ -444,8 +444,10 @@ def test_bad_split_name_is_a_config_error(ds_path, name):
 
 
 def test_bad_engine_and_memory_limit_are_config_errors(ds_path):
-    with pytest.raises(ConfigError, match="engine 'spark' is not available"):
-        make_split(ds_path, engine="spark")
+    with pytest.raises(
+        ConfigError, match="engine 'flink' is unknown; expected one of 'duckdb', 'spark'"
+    ):
+        make_split(ds_path, engine="flink")
     with pytest.raises(ConfigError, match="memory_limit 'lots' is not a memory size"):
         make_split(ds_path, SplitConfig(memory_limit="lots"))
 
