@@ -12,12 +12,18 @@ ts int64, value float32; zstd; row groups of 1M rows), then measures samples/s o
 - plain DataLoader: a map-style ``Dataset`` over the same rows held in memory, one
   ``__getitem__`` per row returning (user, item, uniform negative), ``shuffle=True``, the default
   collate; timed over ``--plain-batches`` batches, since a full epoch takes minutes;
-- Petastorm's ``make_batch_reader`` + ``BatchedDataLoader``, when it installs and imports.
+- Petastorm's ``make_batch_reader`` + ``BatchedDataLoader`` with a shuffling queue of the same
+  size. Petastorm 0.13.1, the latest, imports ``pyarrow.filesystem``, which pyarrow 15 removed,
+  so it runs in its own environment given by ``--petastorm-python`` (see below).
 
 Every configuration runs in its own process, one after the other, so it has the machine to itself.
 Prints a table of samples/s and ratios and writes it to bench/out/loader.md.
 
-    python bench/loader.py --rows 10000000
+    python bench/loader.py --rows 10000000 --petastorm-python /tmp/psvenv/bin/python
+
+where Petastorm's environment is made with
+``python -m venv /tmp/psvenv && /tmp/psvenv/bin/pip install torch==2.13.0 &&
+/tmp/psvenv/bin/pip install petastorm 'pyarrow<15' 'numpy<2' pandas 'pyspark==3.5.*'``.
 """
 
 from __future__ import annotations
@@ -130,7 +136,7 @@ def write_part(directory: Path, rows: int, seed: int = 0) -> tuple[int, int]:
     from recscale.dataset.schema import INTERACTIONS_SCHEMA
 
     n_users, n_items = max(rows // 10, 10), max(rows // 50, 10)
-    marker = directory / "rows.json"
+    marker = directory.with_name(directory.name + ".json")  # beside: readers list the folder
     if marker.exists() and json.loads(marker.read_text()) == {"rows": rows, "seed": seed}:
         return n_users, n_items
     rng = np.random.default_rng(seed)
@@ -157,7 +163,12 @@ def write_part(directory: Path, rows: int, seed: int = 0) -> tuple[int, int]:
 
 def measure(kind: str, part: Path, workers: int, args: argparse.Namespace, n_items: int) -> dict:
     """One configuration in its own process: samples/s and the peak RSS of its largest process."""
-    command = [sys.executable, "-c", MEASURE, kind, str(part), str(workers)]
+    python = sys.executable
+    if kind == "petastorm":
+        if args.petastorm_python is None:
+            return {"error": "not measured: give --petastorm-python"}
+        python = str(args.petastorm_python)
+    command = [python, "-c", MEASURE, kind, str(part), str(workers)]
     command += [str(args.batch_size), str(args.shuffle_buffer), str(args.plain_batches)]
     proc = subprocess.Popen(
         [*command, str(n_items)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -178,6 +189,9 @@ def main() -> None:
     parser.add_argument("--plain-batches", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument(
+        "--petastorm-python", type=Path, help="a Python with petastorm (pyarrow < 15) installed"
+    )
     args = parser.parse_args()
 
     part = args.out / "loader" / f"rows-{args.rows}"
