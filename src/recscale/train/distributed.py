@@ -129,7 +129,8 @@ def data_parallel(model: TorchRecommender, device: torch.device) -> torch.nn.Mod
     the global batch's mean loss.
 
     The models' embedding tables get dense gradients (``F.embedding`` over dense weights), which
-    gloo and NCCL both all-reduce; DDP's sparse-gradient path (gloo only) is not needed.
+    gloo and NCCL both all-reduce; sparse gradients (MF-BPR's ``sparse = true``) are refused
+    under several processes by :func:`~recscale.train.loop.check_world`.
     """
     module = _BatchLoss(model)
     if world().world_size == 1:
