@@ -16,7 +16,7 @@ each stage in its own process so its peak RSS is its own:
 
 Prints wall time, rows/s and peak RSS per stage and size, and the growth exponent ``k`` of
 ``time ∝ N^k`` (least squares on log-log); writes bench/out/scale.md, scale.json and the
-log-log plot bench/figures/scale.png.
+log-log plot bench/figures/scale.png (``--figure``).
 
     python bench/scale.py --sizes 1000000 10000000 100000000
 """
@@ -66,6 +66,9 @@ elif stage == "train":
     from recscale.loader import StreamLoader
     from recscale.models import create_model
     torch.manual_seed(0)
+    # one thread: the steps are small sparse ops, and a second thread's barrier cost more than
+    # it gave (measured: 4.5x slower with 2 threads when another process shared the cores)
+    torch.set_num_threads(1)
     ds = open_dataset(work / "dataset")
     model = create_model("mf-bpr", MF_BPR, ds.n_users, ds.n_items, seed=0)
     loader = StreamLoader(ds.split("leave-last").path / "train", n_items=ds.n_items,
@@ -198,6 +201,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--keep", action="store_true", help="keep each size's files")
+    parser.add_argument("--figure", type=Path, default=HERE / "figures" / "scale.png")
     args = parser.parse_args()
 
     results_path = args.out / "scale.json"
@@ -256,7 +260,7 @@ def main() -> None:
                 for n in sizes
             ]
             lines.append(f"| {stage} | {growth_exponent(sizes, seconds):.2f} |")
-        plot(results, HERE / "figures" / "scale.png")
+        plot(results, args.figure)
     table = "\n".join(lines)
     print()
     print(table)
