@@ -1,27 +1,35 @@
-"""Ingest throughput and peak memory: recscale (DuckDB engine) against pandas, side by side.
+"""Ingest throughput and peak memory: recscale's DuckDB and Spark engines against pandas, side by side.
 
 Generates a CSV of N interaction rows (string ids, unix times, ratings, some repeated pairs), then
-runs, each in its own process so peak RSS is its own:
+runs, each in its own process so peak memory is its own:
 
-- recscale: ``recscale.ingest.ingest`` (validation, quarantine, dedupe keep-last, id maps, Parquet);
-- pandas:   ``read_csv`` + ``drop_duplicates(keep="last")`` + ``to_parquet`` (what a user would write
-            by hand, with none of the validation or id mapping).
+- recscale (DuckDB): ``ingest(engine="duckdb")`` (validation, quarantine, dedupe keep-last, id maps,
+  quality report, Parquet);
+- recscale (Spark):  the same with ``engine="spark"`` on ``local[N]`` (``--spark-cores``), same output;
+- pandas:            ``read_csv`` + ``drop_duplicates(keep="last")`` + ``to_parquet`` (what a user
+  would write by hand, with none of the validation or id mapping).
 
-Prints a table with rows/s, peak RSS and the ratio to pandas, and writes it to bench/out/ingest.md.
+Peak memory is the largest sum of the resident sets of the process and its children (the Spark JVM
+is a child of the Python driver), sampled every 0.2 s with psutil. Prints a table with rows/s, peak
+memory and the ratios to pandas, and writes it to bench/out/ingest.md.
 
-    python bench/ingest.py --rows 10000000
+    python bench/ingest.py --rows 10000000            # all three
+    python bench/ingest.py --rows 100000000 --engines duckdb,spark
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
@@ -33,7 +41,13 @@ from recscale.config import IngestConfig
 from recscale.ingest import ingest
 config = IngestConfig(format="csv", user_col="user_id", item_col="item_id", time_col="timestamp",
                       value_col="rating", dedupe="keep-last", memory_limit=sys.argv[3])
-result = ingest([sys.argv[1]], sys.argv[2], config, progress=False)
+spark = None
+if sys.argv[4] == "spark":
+    from recscale.ingest.spark_engine import spark_session
+    spark = spark_session(f"local[{sys.argv[5]}]")
+    # the driver only plans; executors (threads of the JVM in local mode) get the memory
+    spark.sparkContext.setLogLevel("ERROR")
+result = ingest([sys.argv[1]], sys.argv[2], config, progress=True, engine=sys.argv[4], spark=spark)
 print(result.dataset.manifest.n_interactions)
 """
 
@@ -83,53 +97,92 @@ def generate_csv(path: Path, rows: int, seed: int = 0) -> None:
 
 
 def run_measured(code: str, *args: str) -> tuple[float, float, str]:
-    """Run ``code`` in a fresh interpreter; return (seconds, peak RSS in MiB, stdout)."""
+    """Run ``code`` in a fresh interpreter; return (seconds, peak RSS in MiB with children, stdout)."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
+    peak = 0
+    watched = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            family = [watched, *watched.children(recursive=True)]
+            rss = 0
+            for p in family:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    rss += p.memory_info().rss
+            peak = max(peak, rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
     out = proc.stdout.read() if proc.stdout else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
+    seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"benchmark step failed with exit code {proc.returncode}")
-    return seconds, usage.ru_maxrss / 1024, out.strip()
+    return seconds, peak / 2**20, out.strip()
+
+
+ENGINES = {"duckdb": "recscale (DuckDB)", "spark": "recscale (Spark)", "pandas": "pandas"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--memory-limit", default="2GB", help="DuckDB memory limit for recscale")
+    parser.add_argument(
+        "--engines",
+        default="duckdb,spark,pandas",
+        help="comma-separated: duckdb, spark, pandas (ratios are to pandas when it runs)",
+    )
+    parser.add_argument("--spark-cores", type=int, default=2, help="Spark runs on local[N]")
     parser.add_argument("--workdir", default=str(HERE / "out" / "ingest-work"))
     args = parser.parse_args()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        parser.error(f"--engines: unknown {unknown}; expected some of {', '.join(ENGINES)}")
+    if args.rows < 1 or args.spark_cores < 1:
+        parser.error("--rows and --spark-cores must be positive")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     csv = work / f"interactions-{args.rows}.csv"
     if not csv.exists():
         t0 = time.perf_counter()
+        print(f"generating {args.rows:,} rows into {csv} ...", flush=True)
         generate_csv(csv, args.rows)
         print(
             f"generated {csv} ({csv.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t0:.1f} s"
         )
 
     results = []
-    for name, code in (("recscale (DuckDB)", RECSCALE), ("pandas", PANDAS)):
-        target = str(work / f"out-{name.split()[0]}")
-        seconds, rss, out = run_measured(code, str(csv), target, args.memory_limit)
-        results.append((name, seconds, rss, int(out.splitlines()[-1])))
-        print(f"{name}: {seconds:.1f} s, peak RSS {rss:,.0f} MiB, {out.splitlines()[-1]} rows kept")
+    for engine in engines:
+        name = ENGINES[engine]
+        target = work / f"out-{engine}"
+        shutil.rmtree(target, ignore_errors=True)
+        print(f"{name}: running ...", flush=True)
+        if engine == "pandas":
+            seconds, rss, out = run_measured(PANDAS, str(csv), str(target))
+        else:
+            seconds, rss, out = run_measured(
+                RECSCALE, str(csv), str(target), args.memory_limit, engine, str(args.spark_cores)
+            )
+        kept = int(out.splitlines()[-1])
+        results.append((name, seconds, rss, kept))
+        print(f"{name}: {seconds:.1f} s, peak RSS {rss:,.0f} MiB, {kept:,} rows kept", flush=True)
 
-    pandas_s, pandas_rss = results[1][1], results[1][2]
+    base = next((r for r in results if r[0] == "pandas"), results[0])
     lines = [
         f"Ingest of a generated {args.rows:,}-row CSV ({csv.stat().st_size / 2**20:,.0f} MiB), "
-        f"{os.cpu_count()} cores, one run, side by side:",
+        f"{os.cpu_count()} cores, one run, side by side (Spark on local[{args.spark_cores}], DuckDB "
+        f"memory_limit {args.memory_limit}; peak RSS includes child processes):",
         "",
-        "| engine | wall s | rows/s | peak RSS MiB | speed vs pandas | memory vs pandas | rows kept |",
+        f"| engine | wall s | rows/s | peak RSS MiB | speed vs {base[0]} | memory vs {base[0]} "
+        "| rows kept |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, seconds, rss, kept in results:
         lines.append(
             f"| {name} | {seconds:.1f} | {args.rows / seconds:,.0f} | {rss:,.0f} | "
-            f"{pandas_s / seconds:.2f}x | {rss / pandas_rss:.2f}x | {kept:,} |"
+            f"{base[1] / seconds:.2f}x | {rss / base[2]:.2f}x | {kept:,} |"
         )
     table = "\n".join(lines)
     print("\n" + table)

@@ -80,16 +80,21 @@ def _spark() -> Any:
 
 
 def spark_session(master: str | None = None, *, shuffle_partitions: int | None = None) -> Any:
-    """The active Spark session (the one ``spark-submit`` made), else a new one on ``master``.
+    """The active Spark session, else a new one: on ``master``, else spark-submit's, else ``local[*]``.
 
-    A new session defaults to ``local[*]``, with the UI off and warnings only in the log.
+    A new session has the UI off and warnings only in the log.
     """
     sql = _spark()
     active = sql.SparkSession.getActiveSession()
     if active is not None and master is None:
         session = active
     else:
-        builder = sql.SparkSession.builder.appName("recscale").master(master or "local[*]")
+        builder = sql.SparkSession.builder.appName("recscale")
+        # under spark-submit the master is already in the JVM's configuration: keep it
+        from pyspark import SparkConf
+
+        if master is not None or not SparkConf().contains("spark.master"):
+            builder = builder.master(master or "local[*]")
         builder = builder.config("spark.ui.enabled", "false").config(
             "spark.ui.showConsoleProgress", "false"
         )
@@ -107,12 +112,16 @@ def _settings(spark: SparkSession) -> Iterator[None]:
     """Session settings the rules rely on, restored afterwards.
 
     UTC (times without a zone are UTC, as in DuckDB), non-ANSI arithmetic (64-bit multiplication
-    wraps, which DuckDB's hash needs) and ``size(NULL)`` NULL, as DuckDB's ``len``.
+    wraps, which DuckDB's hash needs), ``size(NULL)`` NULL as DuckDB's ``len``, and generated code
+    the JVM will compile.
     """
     wanted = {
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.ansi.enabled": "false",
         "spark.sql.legacy.sizeOfNull": "false",
+        # the rules make one long generated method; past 8,000 bytes the JVM will not compile it
+        # to machine code (25x slower), so such stages use Spark's smaller per-expression code
+        "spark.sql.codegen.hugeMethodLimit": "8000",
     }
     old = {k: spark.conf.get(k, None) for k in wanted}
     for k, v in wanted.items():
@@ -589,15 +598,16 @@ class SparkIngest:
                 "x -> CASE WHEN length(x) >= 2 AND startswith(x, '\"') AND endswith(x, '\"') "
                 "THEN replace(substr(x, 2, length(x) - 2), '\"\"', '\"') ELSE x END"
             )
-            simple = (
-                "forall(s, x -> instr(x, '\"') = 0 OR (length(x) >= 2 AND startswith(x, '\"') "
-                "AND endswith(x, '\"') AND instr(substr(x, 2, length(x) - 2), '\"') = 0))"
-            )
+            # DuckDB's fast path: every field quote-free or one quoted run without a quote inside.
+            # Then no delimiter hides in a quoted field and unquoting drops every '"' (a regular
+            # expression here, not a lambda per field: Spark runs lambdas interpreted).
+            dc = "\\t" if delim == "\t" else re.escape(delim)
+            field = f'(?:[^"{dc}]*|"[^"{dc}]*")'
+            simple = f"raw RLIKE {_lit(f'^{field}(?:{dc}{field})*$')}"
             plain = f"split(raw, {_lit(re.escape(delim))}, -1)"
             split = (
                 f"CASE WHEN instr(raw, '\"') = 0 THEN {plain} "
-                f"WHEN {simple.replace('forall(s,', f'forall({plain},')} "
-                f"THEN transform({plain}, {unquote}) "
+                f"WHEN {simple} THEN split(replace(raw, '\"', ''), {_lit(re.escape(delim))}, -1) "
                 f"ELSE transform(regexp_extract_all({_lit(delim)} || raw, {pattern}, 1), "
                 f"{unquote}) END"
             )
