@@ -39,7 +39,7 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
-bench: $(STAMP) ## ingest benchmark: recscale (DuckDB) vs pandas on a generated 10M-row CSV
+bench: $(STAMP) ## ingest benchmark: recscale (DuckDB, Spark local[2]) vs pandas on a generated 10M-row CSV
 	$(BIN)/python bench/ingest.py --rows 10000000
 
 bench-quality: $(STAMP) ## every model on every shared data set, 3 seeds; rewrites the README's results (hours)

@@ -11,9 +11,11 @@ import dataclasses
 import os
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from recscale.config import IngestConfig
+from recscale.ingest import rules
 from recscale.ingest.sources import SourceSpec
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "line_limit",
     "memory_bytes",
     "rule_params",
+    "tally",
 ]
 
 #: The longest id accepted (longer ones are ``bad_user`` / ``bad_item``).
@@ -99,3 +102,31 @@ def rule_params(spec: SourceSpec, config: IngestConfig, expected: int | None) ->
             else "unix seconds or ISO-8601"
         ),
     }
+
+
+def tally(
+    counts: Iterable[tuple[int, str | None, int]], sources: Sequence[tuple[int, SourceSpec]]
+) -> tuple[list[dict[str, int]], dict[str, int], dict[str, int]]:
+    """Per-source rows, rejected rows by reason and skipped lines from (src, reason, rows) counts.
+
+    ``reason`` NULL is an accepted row; "blank" and "header" are lines that are not rows.
+    ``sources`` are (src, spec) in input order; the per-source counts come back in that order.
+    """
+    per_src = {src: {"rows_in": 0, "accepted": 0, "rejected": 0} for src, _ in sources}
+    by_reason = dict.fromkeys(rules.REASONS, 0)
+    blank = 0
+    for src, reason, n in counts:
+        if reason == "header":
+            continue
+        if reason == "blank":
+            blank += int(n)
+            continue
+        entry = per_src[int(src)]
+        entry["rows_in"] += int(n)
+        if reason is None:
+            entry["accepted"] += int(n)
+        else:
+            entry["rejected"] += int(n)
+            by_reason[reason] += int(n)
+    skipped = {"header": sum(spec.skip for _, spec in sources), "blank": blank}
+    return [per_src[src] for src, _ in sources], by_reason, skipped

@@ -47,7 +47,7 @@ from recscale.dataset import (
 )
 from recscale.errors import ConfigError, FormatError, InputError, SchemaError
 from recscale.ingest import rules
-from recscale.ingest.common import EngineResult, Progress, line_limit, rule_params
+from recscale.ingest.common import EngineResult, Progress, line_limit, rule_params, tally
 from recscale.ingest.sources import ROLE_NAMES, MetaSpec, Plan, SourceSpec, _norm
 
 __all__ = ["EngineResult", "run_duckdb"]
@@ -240,9 +240,7 @@ class DuckDBIngest:
             )
         else:
             ts = rules.TIME_SQL
-        value = overrides.get(
-            "value", rules.VALUE_SQL if params["has_value"] else "1.0::DOUBLE"
-        )
+        value = overrides.get("value", rules.VALUE_SQL if params["has_value"] else "1.0::DOUBLE")
         ctes.append(f"t AS (SELECT *, {ts} AS ts, {value} AS value FROM {prev})")
         own = {"delimited": "field_count", "jsonl": "bad_json"}.get(spec.kind)
         active = [
@@ -855,25 +853,7 @@ class DuckDBIngest:
             f"""SELECT src, reason, count(*) FROM staged WHERE src <> {_OLD_SRC}
             GROUP BY ALL"""
         )
-        per_src: dict[int, dict[str, int]] = {
-            r.src: {"rows_in": 0, "accepted": 0, "rejected": 0} for r in self.runs
-        }
-        by_reason = dict.fromkeys(rules.REASONS, 0)
-        blank = 0
-        for src, reason, n in rows:
-            n = int(n)
-            if reason == "blank":
-                blank += n
-                continue
-            entry = per_src[int(src)]
-            entry["rows_in"] += n
-            if reason is None:
-                entry["accepted"] += n
-            else:
-                entry["rejected"] += n
-                by_reason[reason] += n
-        skipped = {"header": sum(r.spec.skip for r in self.runs), "blank": blank}
-        return [per_src[r.src] for r in self.runs], by_reason, skipped
+        return tally(rows, [(r.src, r.spec) for r in self.runs])
 
 
 def _json_row(columns: Sequence[str], alias: dict[str, str]) -> str:

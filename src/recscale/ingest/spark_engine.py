@@ -52,7 +52,7 @@ from recscale.dataset import (
 )
 from recscale.errors import ConfigError, DatasetError, FormatError, InputError
 from recscale.ingest import quality, rules
-from recscale.ingest.common import EngineResult, Progress, line_limit, rule_params
+from recscale.ingest.common import EngineResult, Progress, line_limit, rule_params, tally
 from recscale.ingest.sources import Plan, SourceSpec
 
 if TYPE_CHECKING:  # pragma: no cover - types only
@@ -726,31 +726,17 @@ class SparkIngest:
             self.stage(spec, src)
         staged = self.spark.read.parquet(*self.staged_parts)
         counts = staged.groupBy("src", "reason").count().collect()
-        per_src = {s.src: {"rows_in": 0, "accepted": 0, "rejected": 0} for s in self.sources}
-        by_reason = dict.fromkeys(rules.REASONS, 0)
-        blank = 0
-        for row in counts:
-            reason, n = row["reason"], int(row["count"])
-            if reason == "header":
-                continue
-            if reason == "blank":
-                blank += n
-                continue
-            entry = per_src[int(row["src"])]
-            entry["rows_in"] += n
-            if reason is None:
-                entry["accepted"] += n
-            else:
-                entry["rejected"] += n
-                by_reason[reason] += n
+        per_source, by_reason, skipped = tally(
+            ((r["src"], r["reason"], r["count"]) for r in counts),
+            [(run.src, run.spec) for run in self.sources],
+        )
+        per_src = {run.src: entry for run, entry in zip(self.sources, per_source, strict=True)}
         for run in self.sources:
             run.lines = per_src[run.src]["rows_in"]
             rate = run.lines / run.seconds if run.seconds > 0 else float("inf")
             self.say(
                 f"{run.spec.path}: {run.lines:,} rows in {run.seconds:.2f}s ({rate:,.0f} rows/s)"
             )
-        skipped = {"header": sum(s.spec.skip for s in self.sources), "blank": blank}
-        per_source = [per_src[s.src] for s in self.sources]
         n_input = sum(s["rows_in"] for s in per_source)
         if n_input == 0:
             files = ", ".join(str(s.path) for s in plan.sources)
