@@ -22,6 +22,7 @@ from recscale.loader import (
     World,
     interleave_position,
     reader_spans,
+    stream,
 )
 from recscale.loader.negatives import popularity_cdf, sample_negatives
 from recscale.train import load_checkpoint, train
@@ -120,20 +121,24 @@ def test_spans_are_a_function_of_seed_and_epoch() -> None:
 
 
 @pytest.mark.parametrize(
-    ("counts", "consumed", "emitted", "nxt"),
+    ("counts", "consumed", "per_chunk", "done", "nxt", "skip"),
     [
-        ([3, 3], 0, [0, 0], 0),
-        ([3, 3], 3, [2, 1], 1),
-        ([3, 2, 3], 7, [3, 2, 2], 2),  # worker 1 ran out after round 1
-        ([1, 4], 3, [1, 2], 1),
-        ([2, 2], 4, [2, 2], 0),
+        ([3, 3], 0, 1, [0, 0], 0, 0),
+        ([3, 3], 3, 1, [2, 1], 1, 0),
+        ([3, 2, 3], 7, 1, [3, 2, 2], 2, 0),  # worker 1 ran out after round 1
+        ([1, 4], 3, 1, [1, 2], 1, 0),
+        ([2, 2], 4, 1, [2, 2], 0, 0),
+        # chunks of 2: w0 [0, 1], w1 [0, 1], w0 [2, 3], w1 [2], w0 [4]
+        ([5, 3], 5, 2, [2, 2], 0, 1),
+        ([5, 3], 6, 2, [4, 2], 1, 0),
+        ([5, 3], 7, 2, [4, 3], 0, 0),
     ],
 )
 def test_interleave_position(
-    counts: list[int], consumed: int, emitted: list[int], nxt: int
+    counts: list[int], consumed: int, per_chunk: int, done: list[int], nxt: int, skip: int
 ) -> None:
-    got, who = interleave_position(counts, consumed)
-    assert got.tolist() == emitted and who == nxt
+    got, who, left = interleave_position(counts, consumed, per_chunk)
+    assert (got.tolist(), who, left) == (done, nxt, skip)
 
 
 # ---- the loader over real files ----
@@ -200,9 +205,17 @@ def test_order_is_deterministic_for_a_seed(part: Path, num_workers: int) -> None
 @pytest.mark.parametrize("num_workers", [0, 2, 3])
 @pytest.mark.parametrize("stop_at", [1, 6, 9, 16])
 @pytest.mark.parametrize("batch_size", [64, 83])  # 83: 3 workers hand out 2, 3 and 3 batches
+@pytest.mark.parametrize("chunk_rows", [stream.CHUNK_ROWS, 128])  # 128: two batches a message
 def test_resume_mid_epoch_gives_the_same_batches(
-    part: Path, num_workers: int, stop_at: int, batch_size: int
+    part: Path,
+    num_workers: int,
+    stop_at: int,
+    batch_size: int,
+    chunk_rows: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(stream, "CHUNK_ROWS", chunk_rows)
+
     def make() -> StreamLoader:
         return StreamLoader(
             part,
@@ -244,12 +257,13 @@ def test_state_records_where_each_reader_reads_next(part: Path) -> None:
         next(it)
     state = loader.state_dict()
     assert (state["epoch"], state["batch"], state["seed"]) == (0, 5, 0)
-    # 5 batches of 50: worker 0 has handed out 3 (150 rows), worker 1 two (100 rows)
+    # each worker hands over its 10 batches in one message: the first 5 are worker 0's
+    # (250 rows: 50 into its third window), worker 1 has not started
     done = [p["window_rows_done"] for p in state["readers"]]
     assert done == [50, 0]
     spans = reader_spans(loader.groups.rows, World(0, 1, 0, 2), 0, 0)
     lengths = np.cumsum(spans[:, 2] - spans[:, 1])
-    g = int(np.searchsorted(lengths, 100, side="right"))
+    g = int(np.searchsorted(lengths, 200, side="right"))
     assert state["readers"][0]["row_group"] == int(loader.groups.group[spans[g, 0]])
     assert state["readers"][0]["file"] == int(loader.groups.file[spans[g, 0]])
 

@@ -57,6 +57,8 @@ __all__ = [
 log = logging.getLogger("recscale.loader")
 
 USER, ITEM = "user_idx", "item_idx"
+# rows a DataLoader worker hands over per message (see ParquetStream)
+CHUNK_ROWS = 1 << 18
 # generator streams of one reader: window orders and batch negatives never share draws
 _WINDOW_STREAM, _NEGATIVE_STREAM = 0, 1
 
@@ -149,28 +151,33 @@ def reader_spans(rows: np.ndarray, world: World, seed: int, epoch: int) -> np.nd
     return np.concatenate(pieces).astype(np.int64)
 
 
-def interleave_position(counts: Sequence[int], consumed: int) -> tuple[np.ndarray, int]:
-    """Batches each worker had handed out after ``consumed`` batches, and who hands out next.
+def interleave_position(
+    counts: Sequence[int], consumed: int, per_chunk: int = 1
+) -> tuple[np.ndarray, int, int]:
+    """Where each worker stands after ``consumed`` batches of an epoch.
 
-    A DataLoader over an ``IterableDataset`` takes one batch from each worker in turn and skips
-    workers that have run out, so the ``t``-th batch is the ``t``-th pair ``(round, worker)``
-    in lexicographic order among workers with more than ``round`` batches.
+    Worker ``w`` hands out its ``counts[w]`` batches in chunks of ``per_chunk`` (its last chunk
+    may hold fewer). A DataLoader over an ``IterableDataset`` takes one chunk from each worker in
+    turn and skips workers that have run out, so the chunks come in lexicographic order of
+    ``(round, worker)``. Returns the batches each worker had handed out in whole chunks, the
+    worker whose chunk comes next, and how many batches of that chunk were already consumed.
     """
     counts = np.asarray(counts, dtype=np.int64)
-    if consumed >= counts.sum():
-        return counts.copy(), 0
-    lo, hi = 0, int(counts.max())  # full rounds: the largest J with sum(min(counts, J)) <= consumed
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if np.minimum(counts, mid).sum() <= consumed:
-            lo = mid
-        else:
-            hi = mid - 1
-    emitted = np.minimum(counts, lo)
-    alive = np.flatnonzero(counts > lo)
-    extra = consumed - int(emitted.sum())
-    emitted[alive[:extra]] += 1
-    return emitted, int(alive[extra])
+    done = np.zeros_like(counts)
+    left = int(consumed)
+    if left >= counts.sum():
+        return counts.copy(), 0, 0
+    rounds = int(-(-counts.max() // per_chunk))
+    for _ in range(rounds):
+        for w in range(len(counts)):
+            size = int(min(per_chunk, counts[w] - done[w]))
+            if size <= 0:
+                continue
+            if left < size:
+                return done, w, left
+            left -= size
+            done[w] += size
+    raise AssertionError("unreachable: consumed < total batches")
 
 
 class ParquetStream(IterableDataset):
@@ -180,6 +187,11 @@ class ParquetStream(IterableDataset):
     number of batches worker ``w`` has already handed out this epoch and ``rotation`` the worker
     that hands out the next one (DataLoader worker ``i`` plays worker ``(i + rotation) % K``, so
     a resumed epoch continues in the order an uninterrupted one would).
+
+    It yields *chunks* of ``per_chunk`` consecutive batches as one dict of tensors, which
+    :class:`StreamLoader` cuts back into batches: a DataLoader pays a fixed cost per object it
+    passes from a worker (about 2 ms here, whatever its size), so one object per batch would
+    cap a worker at a few hundred batches per second.
     """
 
     def __init__(
@@ -198,6 +210,7 @@ class ParquetStream(IterableDataset):
         cdf: np.ndarray | None,
         start: Sequence[int],
         rotation: int,
+        per_chunk: int = 1,
     ) -> None:
         super().__init__()
         self.groups = groups
@@ -213,6 +226,7 @@ class ParquetStream(IterableDataset):
         self.cdf = cdf
         self.start = list(start)
         self.rotation = rotation
+        self.per_chunk = per_chunk
         self._files: dict[int, pq.ParquetFile] = {}
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -223,6 +237,16 @@ class ParquetStream(IterableDataset):
         return self.world.with_worker((worker + self.rotation) % self.num_workers, self.num_workers)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        chunk: list[dict[str, torch.Tensor]] = []
+        for batch in self._batches():
+            chunk.append(batch)
+            if len(chunk) == self.per_chunk:
+                yield _concat(chunk)
+                chunk = []
+        if chunk:
+            yield _concat(chunk)
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         world = self.reader_world()
         spans = reader_spans(self.groups.rows, world, self.seed, self.epoch)
         b = self.batch_size
@@ -322,6 +346,12 @@ class ParquetStream(IterableDataset):
         return state
 
 
+def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(batches) == 1:
+        return batches[0]
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
 class StreamLoader(EpochLoader):
     """Training batches streamed from a split part's Parquet files (see the module docstring).
 
@@ -414,9 +444,14 @@ class StreamLoader(EpochLoader):
     def __len__(self) -> int:
         return int(self.worker_batches().sum())
 
+    @property
+    def per_chunk(self) -> int:
+        """Batches a worker hands over at once (about ``CHUNK_ROWS`` rows)."""
+        return max(1, CHUNK_ROWS // self.batch_size) if self.num_workers else 1
+
     def stream(self) -> ParquetStream:
-        """The IterableDataset of the rest of the current epoch."""
-        start, rotation = interleave_position(self.worker_batches(), self.batch)
+        """The IterableDataset of the rest of the current epoch, chunk by chunk."""
+        start, rotation, _ = interleave_position(self.worker_batches(), self.batch, self.per_chunk)
         return ParquetStream(
             self.groups,
             n_items=self.n_items,
@@ -431,25 +466,34 @@ class StreamLoader(EpochLoader):
             cdf=self.cdf,
             start=start.tolist(),
             rotation=rotation,
+            per_chunk=self.per_chunk,
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batches: Any = self.stream()
+        _, _, skip = interleave_position(self.worker_batches(), self.batch, self.per_chunk)
+        chunks: Any = self.stream()
         if self.num_workers or self.pin_memory:
-            batches = DataLoader(
-                batches,
+            chunks = DataLoader(
+                chunks,
                 batch_size=None,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
             )
-        for batch in batches:
-            self.batch += 1
-            yield batch
+        for chunk in chunks:
+            # views, not copies: every batch but a worker's last has batch_size rows
+            parts = {key: torch.split(value, self.batch_size) for key, value in chunk.items()}
+            for i in range(len(parts["users"])):
+                if skip:  # consumed before the state this epoch resumed from
+                    skip -= 1
+                    continue
+                self.batch += 1
+                yield {key: split[i] for key, split in parts.items()}
         self.epoch += 1
         self.batch = 0
 
     def state_dict(self) -> dict[str, Any]:
-        start, _ = interleave_position(self.worker_batches(), self.batch)
+        start, nxt, skip = interleave_position(self.worker_batches(), self.batch, self.per_chunk)
+        start[nxt] += skip
         return {
             "seed": self.seed,
             "epoch": self.epoch,
