@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 export RECSCALE_DATA ?= $(abspath ../shared/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-quality bench-time clean
+.PHONY: help install demo test test-fast lint format bench bench-loader bench-scale bench-quality bench-time clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 
 bench: $(STAMP) ## ingest benchmark: recscale (DuckDB, Spark local[2]) vs pandas on a generated 10M-row CSV
 	$(BIN)/python bench/ingest.py --rows 10000000
+
+bench-loader: $(STAMP) ## streaming loader vs plain DataLoader and the raw Parquet read, 10M rows, 0/1/2 workers
+	$(BIN)/python bench/loader.py --rows 10000000
+
+bench-scale: $(STAMP) ## ingest, split, one MF-BPR epoch, evaluation at 1M, 10M and 100M interactions (about 25 min)
+	$(BIN)/python bench/scale.py --sizes 1000000 10000000 100000000
 
 bench-quality: $(STAMP) ## every model on every shared data set, 3 seeds; rewrites the README's results (hours)
 	$(BIN)/python bench/quality.py --readme
