@@ -136,23 +136,18 @@ def _command(args: Sequence[str], nproc: int | None) -> list[str]:
     ]
 
 
+def _train_args(dataset: Path, args: Sequence[str]) -> list[str]:
+    """``train`` arguments into ``./run`` with the test's common flags, then ``args``."""
+    common = ["--split=given", f"--epochs={EPOCHS}", "--device=cpu", "--run-dir=run", "--quiet"]
+    return [str(dataset), *common, *args]
+
+
 def _train(
     dataset: Path, cwd: Path, args: Sequence[str], *, nproc: int | None = None, ok: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Train into ``cwd/run`` with the test's common flags; with ``ok`` the process must succeed."""
     cwd.mkdir(parents=True, exist_ok=True)
-    command = _command(
-        [
-            str(dataset),
-            "--split=given",
-            f"--epochs={EPOCHS}",
-            "--device=cpu",
-            "--run-dir=run",
-            "--quiet",
-            *args,
-        ],
-        nproc,
-    )
+    command = _command(_train_args(dataset, args), nproc)
     done = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
     if ok:
         assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
@@ -252,18 +247,9 @@ def test_mf_bpr_two_ranks_match_one_process(dataset: Path, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_resume_under_torchrun(dataset: Path, sasrec_runs: dict[str, Path], tmp_path: Path) -> None:
     """Two ranks stopped after a checkpoint and resumed end where the uninterrupted ones did."""
-    args = [
-        str(dataset),
-        "--split=given",
-        f"--epochs={EPOCHS}",
-        "--device=cpu",
-        "--run-dir=run",
-        "--quiet",
-        *SASREC,
-    ]
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     proc = subprocess.Popen(
-        _command(args, 2),
+        _command(_train_args(dataset, SASREC), 2),
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,

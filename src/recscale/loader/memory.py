@@ -79,7 +79,7 @@ class InMemoryLoader(EpochLoader):
             self.active_users = np.flatnonzero(degree)
             self.start = (np.cumsum(degree) - degree)[self.active_users]
             self.degree = degree[self.active_users]
-        self.keys = (
+        self.positives = (
             positive_keys(self.users, self.items, self.n_items) if reject_positives else None
         )
         self.epoch = 0
@@ -103,7 +103,7 @@ class InMemoryLoader(EpochLoader):
                 offset = rng.integers(0, self.degree[pick])
                 users = self.active_users[pick]
                 pos = self.items_by_user[self.start[pick] + offset]
-            neg = sample_negatives(users, self.n_negatives, self.n_items, rng, self.keys)
+            neg = sample_negatives(users, self.n_negatives, self.n_items, rng, self.positives)
             self.batch = b + 1
             yield {
                 "users": torch.from_numpy(users),

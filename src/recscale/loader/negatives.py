@@ -113,23 +113,23 @@ def sample_negatives(
     n_negatives: int,
     n_items: int,
     rng: np.random.Generator,
-    keys: Positives | None = None,
+    positives: Positives | None = None,
     cdf: np.ndarray | None = None,
 ) -> np.ndarray:
     """Negative items, ``(len(users), n_negatives)`` int64: uniform, or from ``cdf``.
 
-    With ``keys`` (see :func:`positive_keys`) the draws that hit one of the user's positives are
+    With ``positives`` (see :func:`positive_keys`) the draws that hit one of the user's positives are
     redrawn, only those, for at most ``MAX_REJECTION_ROUNDS`` rounds. ``cdf`` (see
     :func:`popularity_cdf`) shapes the draws by popularity; without it they are uniform.
     """
     neg = _draw((len(users), n_negatives), n_items, rng, cdf)
-    if keys is None:
+    if positives is None:
         return neg
-    rows, cols = np.nonzero(keys.contains(users[:, None], neg))
+    rows, cols = np.nonzero(positives.contains(users[:, None], neg))
     for _ in range(MAX_REJECTION_ROUNDS):
         if len(rows) == 0:
             break
         neg[rows, cols] = _draw(len(rows), n_items, rng, cdf)
-        still = keys.contains(users[rows], neg[rows, cols])
+        still = positives.contains(users[rows], neg[rows, cols])
         rows, cols = rows[still], cols[still]
     return neg

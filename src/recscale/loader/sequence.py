@@ -117,7 +117,7 @@ class SequenceLoader(EpochLoader):
         self.world = world or World()
         # a user with one item has no (input, next item) pair to learn from
         self.users = np.flatnonzero(np.diff(self.indptr) >= 2).astype(np.int64)
-        self.keys = (
+        self.positives = (
             positive_keys(train.user_idx, train.item_idx, self.n_items)
             if reject_positives and n_negatives
             else None
@@ -160,7 +160,9 @@ class SequenceLoader(EpochLoader):
             # drawn for the real cells only (short histories are mostly padding), row by row
             owner = np.repeat(users, real.sum(axis=1))
             neg = np.full((len(users), self.max_len, self.n_negatives), PAD, dtype=np.int64)
-            neg[real] = sample_negatives(owner, self.n_negatives, self.n_items, rng, self.keys) + 1
+            neg[real] = (
+                sample_negatives(owner, self.n_negatives, self.n_items, rng, self.positives) + 1
+            )
             batch["neg"] = torch.from_numpy(neg)
         if self.shared_negatives:
             shared = rng.integers(0, self.n_items, self.shared_negatives, dtype=np.int64) + 1

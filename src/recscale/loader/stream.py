@@ -206,7 +206,7 @@ class ParquetStream(IterableDataset):
         epoch: int,
         world: World,
         num_workers: int,
-        keys: Positives | None,
+        positives: Positives | None,
         cdf: np.ndarray | None,
         start: Sequence[int],
         rotation: int,
@@ -222,7 +222,7 @@ class ParquetStream(IterableDataset):
         self.epoch = epoch
         self.world = world
         self.num_workers = num_workers
-        self.keys = keys
+        self.positives = positives
         self.cdf = cdf
         self.start = list(start)
         self.rotation = rotation
@@ -332,7 +332,7 @@ class ParquetStream(IterableDataset):
             [self.seed, self.epoch, world.rank, world.worker, _NEGATIVE_STREAM, k]
         )
         users, items = users.astype(np.int64), items.astype(np.int64)
-        neg = sample_negatives(users, self.n_negatives, self.n_items, rng, self.keys, self.cdf)
+        neg = sample_negatives(users, self.n_negatives, self.n_items, rng, self.positives, self.cdf)
         return {
             "users": torch.from_numpy(users),
             "pos": torch.from_numpy(items),
@@ -408,14 +408,14 @@ class StreamLoader(EpochLoader):
             else None
         )
         t0 = time.perf_counter()
-        self.keys = self._positive_keys() if reject_positives else None
-        if self.keys is not None:
+        self.positives = self._positives() if reject_positives else None
+        if self.positives is not None:
             # the one structure that grows with the log: say what it costs
             log.info(
                 "stream loader: %s known (user, item) pairs held for rejecting positives "
                 "(%.0f MiB, built in %.1f s); reject_positives = false does without",
-                f"{len(self.keys):,}",
-                (self.keys.keys.nbytes + self.keys.start.nbytes) / 2**20,
+                f"{len(self.positives):,}",
+                (self.positives.keys.nbytes + self.positives.start.nbytes) / 2**20,
                 time.perf_counter() - t0,
             )
         self.epoch = 0
@@ -449,9 +449,13 @@ class StreamLoader(EpochLoader):
         """Batches a worker hands over at once (about ``CHUNK_ROWS`` rows)."""
         return max(1, CHUNK_ROWS // self.batch_size) if self.num_workers else 1
 
-    def stream(self) -> ParquetStream:
+    def position(self) -> tuple[np.ndarray, int, int]:
+        """:func:`interleave_position` of the batches handed out so far this epoch."""
+        return interleave_position(self.worker_batches(), self.batch, self.per_chunk)
+
+    def stream(self, position: tuple[np.ndarray, int, int] | None = None) -> ParquetStream:
         """The IterableDataset of the rest of the current epoch, chunk by chunk."""
-        start, rotation, _ = interleave_position(self.worker_batches(), self.batch, self.per_chunk)
+        start, rotation, _ = position or self.position()
         return ParquetStream(
             self.groups,
             n_items=self.n_items,
@@ -462,7 +466,7 @@ class StreamLoader(EpochLoader):
             epoch=self.epoch,
             world=self.world,
             num_workers=self.readers,
-            keys=self.keys,
+            positives=self.positives,
             cdf=self.cdf,
             start=start.tolist(),
             rotation=rotation,
@@ -470,8 +474,9 @@ class StreamLoader(EpochLoader):
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        _, _, skip = interleave_position(self.worker_batches(), self.batch, self.per_chunk)
-        chunks: Any = self.stream()
+        position = self.position()
+        skip = position[2]
+        chunks: Any = self.stream(position)
         if self.num_workers or self.pin_memory:
             chunks = DataLoader(
                 chunks,
@@ -492,7 +497,7 @@ class StreamLoader(EpochLoader):
         self.batch = 0
 
     def state_dict(self) -> dict[str, Any]:
-        start, nxt, skip = interleave_position(self.worker_batches(), self.batch, self.per_chunk)
+        start, nxt, skip = self.position()
         start[nxt] += skip
         return {
             "seed": self.seed,
@@ -551,7 +556,7 @@ class StreamLoader(EpochLoader):
             counts += np.bincount(items, minlength=self.n_items)
         return counts
 
-    def _positive_keys(self) -> Positives:
+    def _positives(self) -> Positives:
         # filled row group by row group and sorted in place: one array of 8 bytes per row
         keys = np.empty(self.groups.total, dtype=np.int64)
         at = 0
