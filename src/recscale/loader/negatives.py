@@ -101,11 +101,15 @@ def popularity_cdf(item_counts: np.ndarray, exponent: float = 0.75) -> np.ndarra
 
 
 def _draw(
-    size: int | tuple[int, ...], n_items: int, rng: np.random.Generator, cdf: np.ndarray | None
+    size: int | tuple[int, ...],
+    n_items: int,
+    rng: np.random.Generator,
+    cdf: np.ndarray | None,
+    dtype: type[np.integer] = np.int64,
 ) -> np.ndarray:
     if cdf is None:
-        return rng.integers(0, n_items, size=size, dtype=np.int64)
-    return np.searchsorted(cdf, rng.random(size), side="right").astype(np.int64)
+        return rng.integers(0, n_items, size=size, dtype=dtype)
+    return np.searchsorted(cdf, rng.random(size), side="right").astype(dtype)
 
 
 def sample_negatives(
@@ -115,21 +119,22 @@ def sample_negatives(
     rng: np.random.Generator,
     positives: Positives | None = None,
     cdf: np.ndarray | None = None,
+    dtype: type[np.integer] = np.int64,
 ) -> np.ndarray:
-    """Negative items, ``(len(users), n_negatives)`` int64: uniform, or from ``cdf``.
+    """Negative items, ``(len(users), n_negatives)`` of ``dtype``: uniform, or from ``cdf``.
 
     With ``positives`` (see :func:`positive_keys`) the draws that hit one of the user's positives are
     redrawn, only those, for at most ``MAX_REJECTION_ROUNDS`` rounds. ``cdf`` (see
     :func:`popularity_cdf`) shapes the draws by popularity; without it they are uniform.
     """
-    neg = _draw((len(users), n_negatives), n_items, rng, cdf)
+    neg = _draw((len(users), n_negatives), n_items, rng, cdf, dtype)
     if positives is None:
         return neg
     rows, cols = np.nonzero(positives.contains(users[:, None], neg))
     for _ in range(MAX_REJECTION_ROUNDS):
         if len(rows) == 0:
             break
-        neg[rows, cols] = _draw(len(rows), n_items, rng, cdf)
+        neg[rows, cols] = _draw(len(rows), n_items, rng, cdf, dtype)
         still = positives.contains(users[rows], neg[rows, cols])
         rows, cols = rows[still], cols[still]
     return neg

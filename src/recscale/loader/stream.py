@@ -12,8 +12,9 @@ An epoch is planned by pure functions of ``(seed, epoch, World)``; nothing else 
 3. **Shuffle buffer.** A reader reads its range in windows of ``shuffle_buffer`` rows and emits
    each window in a seeded random order. With the row-group shuffle, a batch mixes rows from
    everywhere in the part while memory holds one window and one decoded row group.
-4. **Batches.** Batch ``k`` of a reader is rows ``k * B .. (k + 1) * B`` of its shuffled stream;
-   its negatives come from a generator seeded with ``(seed, epoch, rank, worker, k)``.
+4. **Batches.** Batch ``k`` of a reader is rows ``k * B .. (k + 1) * B`` of its shuffled stream.
+   Negatives are drawn for a whole window at once, from a generator seeded with
+   ``(seed, epoch, rank, worker, window)``.
 
 The position is therefore just ``(epoch, batches handed out)``: from it
 :func:`interleave_position` recovers how far each worker had got, and a resumed loader re-reads
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +190,11 @@ class ParquetStream(IterableDataset):
     that hands out the next one (DataLoader worker ``i`` plays worker ``(i + rotation) % K``, so
     a resumed epoch continues in the order an uninterrupted one would).
 
-    It yields *chunks* of ``per_chunk`` consecutive batches as one dict of tensors, which
-    :class:`StreamLoader` cuts back into batches: a DataLoader pays a fixed cost per object it
-    passes from a worker (about 2 ms here, whatever its size), so one object per batch would
-    cap a worker at a few hundred batches per second.
+    It yields *chunks* of ``per_chunk`` consecutive batches as one dict of int32 tensors
+    (``users``, ``pos``, ``neg``), which :class:`StreamLoader` cuts back into batches and widens
+    to int64: a DataLoader pays a fixed cost per object it passes from a worker (about 2 ms here,
+    whatever its size), so one object per batch would cap a worker at a few hundred batches per
+    second, and int32 halves the bytes that go through shared memory.
     """
 
     def __init__(
@@ -228,7 +231,7 @@ class ParquetStream(IterableDataset):
         self.rotation = rotation
         self.per_chunk = per_chunk
         self._files: dict[int, pq.ParquetFile] = {}
-        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def reader_world(self) -> World:
         """The World of whoever iterates: a DataLoader worker, or the main process."""
@@ -237,52 +240,30 @@ class ParquetStream(IterableDataset):
         return self.world.with_worker((worker + self.rotation) % self.num_workers, self.num_workers)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        chunk: list[dict[str, torch.Tensor]] = []
-        for batch in self._batches():
-            chunk.append(batch)
-            if len(chunk) == self.per_chunk:
-                yield _concat(chunk)
-                chunk = []
-        if chunk:
-            yield _concat(chunk)
-
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         world = self.reader_world()
         spans = reader_spans(self.groups.rows, world, self.seed, self.epoch)
-        b = self.batch_size
-        k = self.start[world.worker]
-        # rows of the previous window that did not fill a batch; batches are views of a
-        # window wherever they can be, and copied only where they straddle two
-        carry_u = carry_i = np.zeros(0, dtype=np.int32)
-        for users, items in self._shuffled(spans, world, k * b):
-            if len(carry_u):
-                need = b - len(carry_u)
-                carry_u = np.concatenate([carry_u, users[:need]])
-                carry_i = np.concatenate([carry_i, items[:need]])
-                users, items = users[need:], items[need:]
-                if len(carry_u) < b:
-                    continue
-                yield self._batch(carry_u, carry_i, world, k)
-                k += 1
-            full = len(users) - len(users) % b
-            for at in range(0, full, b):
-                yield self._batch(users[at : at + b], items[at : at + b], world, k)
-                k += 1
-            carry_u, carry_i = users[full:], items[full:]
-        if len(carry_u):
-            yield self._batch(carry_u, carry_i, world, k)
+        skip = self.start[world.worker] * self.batch_size
+        yield from _rechunk(self._windows(spans, world, skip), self.per_chunk * self.batch_size)
 
-    def _shuffled(
+    def _windows(
         self, spans: np.ndarray, world: World, skip: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The reader's rows from position ``skip`` on, window by window, each window shuffled."""
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The reader's rows from position ``skip`` on, one shuffled window at a time.
+
+        Two threads prepare window ``j + 1`` (its rows decoded; its order drawn) while this one
+        gathers window ``j`` and draws its negatives: Parquet decoding, ``randperm`` and the
+        gather each cost about as much per row, and all three release the GIL.
+        """
         lengths = spans[:, 2] - spans[:, 1]
         span_end = np.cumsum(lengths)
         span_start = span_end - lengths
         total = int(span_end[-1]) if len(span_end) else 0
         window = self.shuffle_buffer
-        generator = torch.Generator()
-        for j in range(skip // window, -(-total // window)):
+        first, stop = skip // window, -(-total // window)
+        if first >= stop:
+            return
+
+        def read(j: int) -> tuple[torch.Tensor, torch.Tensor]:
             lo, hi = j * window, min((j + 1) * window, total)
             users, items = [], []
             for s in np.flatnonzero((span_start < hi) & (span_end > lo)):
@@ -293,23 +274,59 @@ class ParquetStream(IterableDataset):
                 u, i = self._row_group(int(group))
                 users.append(u[begin:end])
                 items.append(i[begin:end])
-            u = users[0] if len(users) == 1 else np.concatenate(users)
-            i = items[0] if len(items) == 1 else np.concatenate(items)
-            # torch's int32 randperm: a uniform shuffle at a third of NumPy's cost per row
-            seed = np.random.SeedSequence(
-                [self.seed, self.epoch, world.rank, world.worker, _WINDOW_STREAM, j]
-            ).generate_state(1, np.uint64)[0]
-            generator.manual_seed(int(seed))
-            order = torch.randperm(len(u), generator=generator, dtype=torch.int32)
-            if j == skip // window:
-                order = order[skip - lo :]
-            # torch gathers by an int32 index at NumPy's int64-index speed, without the cast
-            yield (
-                torch.from_numpy(u).index_select(0, order).numpy(),
-                torch.from_numpy(i).index_select(0, order).numpy(),
-            )
+            return _join(users), _join(items)
 
-    def _row_group(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        # two orders alternate: one is being drawn while the other is used; fresh memory costs
+        # a page fault per 4 KiB, which here costs as much as drawing the order in it
+        orders = [torch.empty(min(window, total), dtype=torch.int32) for _ in range(2)]
+
+        def order(j: int) -> torch.Tensor:
+            n = min((j + 1) * window, total) - j * window
+            generator = torch.Generator()
+            generator.manual_seed(self._seed(world, _WINDOW_STREAM, j))
+            # torch's int32 randperm: a uniform shuffle at a third of NumPy's cost per row
+            out = orders[j % 2][:n]
+            return torch.randperm(n, generator=generator, dtype=torch.int32, out=out)
+
+        # a worker writes its output straight into shared memory, which its DataLoader would
+        # otherwise allocate and copy the tensors into
+        worker = get_worker_info() is not None
+        with ThreadPoolExecutor(2, thread_name_prefix="recscale-stream") as pool:
+            ahead = pool.submit(read, first), pool.submit(order, first)
+            for j in range(first, stop):
+                (users, items), perm = ahead[0].result(), ahead[1].result()
+                if j + 1 < stop:
+                    ahead = pool.submit(read, j + 1), pool.submit(order, j + 1)
+                n = len(perm)
+                out = {
+                    "users": torch.empty(n, dtype=torch.int32),
+                    "pos": torch.empty(n, dtype=torch.int32),
+                    "neg": torch.empty((n, self.n_negatives), dtype=torch.int32),
+                }
+                if worker:
+                    out = {key: value.share_memory_() for key, value in out.items()}
+                # torch gathers by an int32 index at NumPy's int64-index speed, without a cast
+                torch.index_select(users, 0, perm, out=out["users"])
+                torch.index_select(items, 0, perm, out=out["pos"])
+                rng = np.random.default_rng(self._seed(world, _NEGATIVE_STREAM, j))
+                out["neg"].numpy()[:] = sample_negatives(
+                    out["users"].numpy(),
+                    self.n_negatives,
+                    self.n_items,
+                    rng,
+                    self.positives,
+                    self.cdf,
+                    dtype=np.int32,
+                )
+                if j == first:  # a resumed reader: the window's draws are redone, then skipped
+                    out = {key: value[skip - j * window :] for key, value in out.items()}
+                yield out
+
+    def _seed(self, world: World, stream: int, window: int) -> int:
+        key = [self.seed, self.epoch, world.rank, world.worker, stream, window]
+        return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+
+    def _row_group(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Users and items of one row group; the last one decoded is kept (spans share groups)."""
         if self._cached is not None and self._cached[0] == group:
             return self._cached[1], self._cached[2]
@@ -319,25 +336,9 @@ class ParquetStream(IterableDataset):
         table = self._files[f].read_row_group(
             int(self.groups.group[group]), columns=[USER, ITEM], use_threads=False
         )
-        # Arrow's buffers are read-only; torch gathers from writable arrays (one memcpy)
-        users = np.require(table.column(USER).to_numpy(), requirements="W")
-        items = np.require(table.column(ITEM).to_numpy(), requirements="W")
+        users, items = (_tensor(table.column(name)) for name in (USER, ITEM))
         self._cached = (group, users, items)
         return users, items
-
-    def _batch(
-        self, users: np.ndarray, items: np.ndarray, world: World, k: int
-    ) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng(
-            [self.seed, self.epoch, world.rank, world.worker, _NEGATIVE_STREAM, k]
-        )
-        users, items = users.astype(np.int64), items.astype(np.int64)
-        neg = sample_negatives(users, self.n_negatives, self.n_items, rng, self.positives, self.cdf)
-        return {
-            "users": torch.from_numpy(users),
-            "pos": torch.from_numpy(items),
-            "neg": torch.from_numpy(neg),
-        }
 
     def __getstate__(self) -> dict[str, Any]:
         # open files and the decoded row group stay with the process that opened them
@@ -346,10 +347,48 @@ class ParquetStream(IterableDataset):
         return state
 
 
-def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    if len(batches) == 1:
-        return batches[0]
-    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+def _rechunk(
+    blocks: Iterator[dict[str, torch.Tensor]], size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Blocks of rows regrouped into chunks of exactly ``size`` rows (the last may hold fewer).
+
+    Chunks are views of a block wherever they can be, and copied only where they straddle two.
+    """
+    held: list[dict[str, torch.Tensor]] = []
+    n_held = 0
+    for block in blocks:
+        n, at = len(block["users"]), 0
+        if n_held:
+            at = min(size - n_held, n)
+            held.append({key: value[:at] for key, value in block.items()})
+            n_held += at
+            if n_held < size:
+                continue
+            yield _concat(held)
+            held, n_held = [], 0
+        while n - at >= size:
+            yield {key: value[at : at + size] for key, value in block.items()}
+            at += size
+        if at < n:
+            held, n_held = [{key: value[at:] for key, value in block.items()}], n - at
+    if held:
+        yield _concat(held)
+
+
+def _tensor(column: pa.ChunkedArray) -> torch.Tensor:
+    """An int32 column as a tensor over Arrow's own buffer, without a copy (DLPack)."""
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return torch.from_dlpack(array)
+
+
+def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _concat(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(blocks) == 1:
+        return blocks[0]
+    return {key: torch.cat([b[key] for b in blocks]) for key in blocks[0]}
 
 
 class StreamLoader(EpochLoader):
@@ -446,7 +485,7 @@ class StreamLoader(EpochLoader):
 
     @property
     def per_chunk(self) -> int:
-        """Batches a worker hands over at once (about ``CHUNK_ROWS`` rows)."""
+        """Batches a worker hands over at once (about ``CHUNK_ROWS`` rows); 1 without workers."""
         return max(1, CHUNK_ROWS // self.batch_size) if self.num_workers else 1
 
     def position(self) -> tuple[np.ndarray, int, int]:
@@ -477,24 +516,24 @@ class StreamLoader(EpochLoader):
         position = self.position()
         skip = position[2]
         chunks: Any = self.stream(position)
-        if self.num_workers or self.pin_memory:
-            chunks = DataLoader(
-                chunks,
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-            )
+        if self.num_workers:
+            chunks = DataLoader(chunks, batch_size=None, num_workers=self.num_workers)
         for chunk in chunks:
-            # views, not copies: every batch but a worker's last has batch_size rows
             parts = {key: torch.split(value, self.batch_size) for key, value in chunk.items()}
             for i in range(len(parts["users"])):
                 if skip:  # consumed before the state this epoch resumed from
                     skip -= 1
                     continue
                 self.batch += 1
-                yield {key: split[i] for key, split in parts.items()}
+                # readers hand over int32, half the bytes; widened batch by batch, so the copy
+                # stays in cache and the batch owns its memory
+                yield {key: self._widen(split[i]) for key, split in parts.items()}
         self.epoch += 1
         self.batch = 0
+
+    def _widen(self, value: torch.Tensor) -> torch.Tensor:
+        wide = torch.empty(value.shape, dtype=torch.int64, pin_memory=self.pin_memory)
+        return wide.copy_(value)
 
     def state_dict(self) -> dict[str, Any]:
         start, nxt, skip = self.position()
