@@ -146,9 +146,17 @@ def test_interleave_position(
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("world_size", [1, 2])
+# 64 rows, one batch a message: chunks shorter than a window, so workers rewrite their shared
+# buffers, while list() keeps every batch; a batch that shared a buffer would be overwritten
+@pytest.mark.parametrize("chunk_rows", [stream.CHUNK_ROWS, 64])
 def test_every_row_once_per_epoch_across_ranks_and_workers(
-    part: Path, num_workers: int, world_size: int
+    part: Path,
+    num_workers: int,
+    world_size: int,
+    chunk_rows: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(stream, "CHUNK_ROWS", chunk_rows)
     loaders = [
         StreamLoader(
             part,

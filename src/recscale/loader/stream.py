@@ -24,7 +24,9 @@ only the window each worker stopped in. Batches are dicts of int64 tensors, ``us
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -214,6 +216,7 @@ class ParquetStream(IterableDataset):
         start: Sequence[int],
         rotation: int,
         per_chunk: int = 1,
+        released: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.groups = groups
@@ -230,6 +233,7 @@ class ParquetStream(IterableDataset):
         self.start = list(start)
         self.rotation = rotation
         self.per_chunk = per_chunk
+        self.released = released
         self._files: dict[int, pq.ParquetFile] = {}
         self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
@@ -239,20 +243,27 @@ class ParquetStream(IterableDataset):
         worker = 0 if info is None else info.id
         return self.world.with_worker((worker + self.rotation) % self.num_workers, self.num_workers)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         world = self.reader_world()
         spans = reader_spans(self.groups.rows, world, self.seed, self.epoch)
         skip = self.start[world.worker] * self.batch_size
-        yield from _rechunk(self._windows(spans, world, skip), self.per_chunk * self.batch_size)
+        size = self.per_chunk * self.batch_size
+        for chunk in _rechunk(self._windows(spans, world, skip, size), size):
+            yield {**chunk, "reader": world.worker}
 
     def _windows(
-        self, spans: np.ndarray, world: World, skip: int
+        self, spans: np.ndarray, world: World, skip: int, chunk_rows: int
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The reader's rows from position ``skip`` on, one shuffled window at a time.
 
         Two threads prepare window ``j + 1`` (its rows decoded; its order drawn) while this one
         gathers window ``j`` and draws its negatives: Parquet decoding, ``randperm`` and the
         gather each cost about as much per row, and all three release the GIL.
+
+        In a DataLoader worker given ``released``, the windows' output is written into two sets
+        of shared-memory buffers in turn: fresh memory costs a page fault per 4 KiB, which here
+        costs about as much as everything else done to the rows in it. A set is rewritten once
+        the consumer has released every chunk cut from it (see :class:`StreamLoader`).
         """
         lengths = spans[:, 2] - spans[:, 1]
         span_end = np.cumsum(lengths)
@@ -291,6 +302,11 @@ class ParquetStream(IterableDataset):
         # a worker writes its output straight into shared memory, which its DataLoader would
         # otherwise allocate and copy the tensors into
         worker = get_worker_info() is not None
+        # a chunk longer than a window would hold views of three windows at once
+        reuse = worker and self.released is not None and chunk_rows <= window
+        buffers: list[dict[str, torch.Tensor]] = []
+        # chunks the consumer must have released before buffer set j % 2 is rewritten
+        done_with = [0, 0]
         with ThreadPoolExecutor(2, thread_name_prefix="recscale-stream") as pool:
             ahead = pool.submit(read, first), pool.submit(order, first)
             for j in range(first, stop):
@@ -298,13 +314,21 @@ class ParquetStream(IterableDataset):
                 if j + 1 < stop:
                     ahead = pool.submit(read, j + 1), pool.submit(order, j + 1)
                 n = len(perm)
-                out = {
-                    "users": torch.empty(n, dtype=torch.int32),
-                    "pos": torch.empty(n, dtype=torch.int32),
-                    "neg": torch.empty((n, self.n_negatives), dtype=torch.int32),
-                }
-                if worker:
-                    out = {key: value.share_memory_() for key, value in out.items()}
+                if reuse and len(buffers) == 2:
+                    if not self._await_release(world.worker, done_with[j % 2]):
+                        return  # the consumer has stopped
+                    out = {key: value[:n] for key, value in buffers[j % 2].items()}
+                else:
+                    out = {
+                        "users": torch.empty(n, dtype=torch.int32),
+                        "pos": torch.empty(n, dtype=torch.int32),
+                        "neg": torch.empty((n, self.n_negatives), dtype=torch.int32),
+                    }
+                    if worker:
+                        out = {key: value.share_memory_() for key, value in out.items()}
+                    if reuse:
+                        buffers.append(out)
+                done_with[j % 2] = -(-(min((j + 1) * window, total) - skip) // chunk_rows)
                 # torch gathers by an int32 index at NumPy's int64-index speed, without a cast
                 torch.index_select(users, 0, perm, out=out["users"])
                 torch.index_select(items, 0, perm, out=out["pos"])
@@ -321,6 +345,20 @@ class ParquetStream(IterableDataset):
                 if j == first:  # a resumed reader: the window's draws are redone, then skipped
                     out = {key: value[skip - j * window :] for key, value in out.items()}
                 yield out
+
+    def _await_release(self, reader: int, chunks: int) -> bool:
+        """Wait until the consumer has released ``chunks`` of ``reader``'s chunks.
+
+        False when it stopped instead: it closed the epoch, or the process that started this
+        worker is gone.
+        """
+        assert self.released is not None
+        parent = os.getppid()
+        while int(self.released[reader]) < chunks:
+            if int(self.released[-1]) or os.getppid() != parent:
+                return False
+            time.sleep(1e-4)
+        return True
 
     def _seed(self, world: World, stream: int, window: int) -> int:
         key = [self.seed, self.epoch, world.rank, world.worker, stream, window]
@@ -492,8 +530,17 @@ class StreamLoader(EpochLoader):
         """:func:`interleave_position` of the batches handed out so far this epoch."""
         return interleave_position(self.worker_batches(), self.batch, self.per_chunk)
 
-    def stream(self, position: tuple[np.ndarray, int, int] | None = None) -> ParquetStream:
-        """The IterableDataset of the rest of the current epoch, chunk by chunk."""
+    def stream(
+        self,
+        position: tuple[np.ndarray, int, int] | None = None,
+        released: torch.Tensor | None = None,
+    ) -> ParquetStream:
+        """The IterableDataset of the rest of the current epoch, chunk by chunk.
+
+        ``released`` (shared int64, one count per reader and a last "closed" flag) lets workers
+        reuse their output buffers: the consumer adds 1 to ``released[reader]`` once it is done
+        with a chunk, and sets ``released[-1]`` when it stops early.
+        """
         start, rotation, _ = position or self.position()
         return ParquetStream(
             self.groups,
@@ -510,24 +557,47 @@ class StreamLoader(EpochLoader):
             start=start.tolist(),
             rotation=rotation,
             per_chunk=self.per_chunk,
+            released=released,
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         position = self.position()
         skip = position[2]
-        chunks: Any = self.stream(position)
+        released = None
+        if self.num_workers:
+            released = torch.zeros(self.readers + 1, dtype=torch.int64).share_memory_()
+        chunks: Any = self.stream(position, released)
         if self.num_workers:
             chunks = DataLoader(chunks, batch_size=None, num_workers=self.num_workers)
-        for chunk in chunks:
-            parts = {key: torch.split(value, self.batch_size) for key, value in chunk.items()}
-            for i in range(len(parts["users"])):
-                if skip:  # consumed before the state this epoch resumed from
-                    skip -= 1
-                    continue
-                self.batch += 1
-                # readers hand over int32, half the bytes; widened batch by batch, so the copy
-                # stays in cache and the batch owns its memory
-                yield {key: self._widen(split[i]) for key, split in parts.items()}
+        # the last chunks of each worker stay referenced, so their shared buffers stay mapped
+        # here and the next chunks cut from them map nothing new
+        recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=4 * self.readers)
+        try:
+            for chunk in chunks:
+                recent.append(chunk)
+                reader = chunk["reader"]
+                parts = {
+                    key: torch.split(value, self.batch_size)
+                    for key, value in chunk.items()
+                    if key != "reader"
+                }
+                count = len(parts["users"])
+                for i in range(count):
+                    batch = None
+                    if skip:  # consumed before the state this epoch resumed from
+                        skip -= 1
+                    else:
+                        # readers hand over int32, half the bytes; widened batch by batch, so
+                        # the copy stays in cache and the batch owns its memory
+                        batch = {key: self._widen(split[i]) for key, split in parts.items()}
+                    if released is not None and i == count - 1:
+                        released[reader] += 1  # copied out: its worker may rewrite it
+                    if batch is not None:
+                        self.batch += 1
+                        yield batch
+        finally:
+            if released is not None:
+                released[-1] = 1  # workers waiting for a release stop
         self.epoch += 1
         self.batch = 0
 
