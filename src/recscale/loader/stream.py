@@ -260,10 +260,10 @@ class ParquetStream(IterableDataset):
         gathers window ``j`` and draws its negatives: Parquet decoding, ``randperm`` and the
         gather each cost about as much per row, and all three release the GIL.
 
-        In a DataLoader worker given ``released``, the windows' output is written into two sets
-        of shared-memory buffers in turn: fresh memory costs a page fault per 4 KiB, which here
-        costs about as much as everything else done to the rows in it. A set is rewritten once
-        the consumer has released every chunk cut from it (see :class:`StreamLoader`).
+        Given ``released``, the windows' output is written into two sets of buffers in turn
+        (shared memory in a DataLoader worker): fresh memory costs a page fault per 4 KiB, which
+        here costs about as much as everything else done to the rows in it. A set is rewritten
+        once the consumer has released every chunk cut from it (see :class:`StreamLoader`).
         """
         lengths = spans[:, 2] - spans[:, 1]
         span_end = np.cumsum(lengths)
@@ -303,7 +303,7 @@ class ParquetStream(IterableDataset):
         # otherwise allocate and copy the tensors into
         worker = get_worker_info() is not None
         # a chunk longer than a window would hold views of three windows at once
-        reuse = worker and self.released is not None and chunk_rows <= window
+        reuse = self.released is not None and chunk_rows <= window
         buffers: list[dict[str, torch.Tensor]] = []
         # chunks the consumer must have released before buffer set j % 2 is rewritten
         done_with = [0, 0]
@@ -563,9 +563,9 @@ class StreamLoader(EpochLoader):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         position = self.position()
         skip = position[2]
-        released = None
+        released = torch.zeros(self.readers + 1, dtype=torch.int64)
         if self.num_workers:
-            released = torch.zeros(self.readers + 1, dtype=torch.int64).share_memory_()
+            released.share_memory_()
         chunks: Any = self.stream(position, released)
         if self.num_workers:
             chunks = DataLoader(chunks, batch_size=None, num_workers=self.num_workers)
@@ -590,14 +590,13 @@ class StreamLoader(EpochLoader):
                         # readers hand over int32, half the bytes; widened batch by batch, so
                         # the copy stays in cache and the batch owns its memory
                         batch = {key: self._widen(split[i]) for key, split in parts.items()}
-                    if released is not None and i == count - 1:
-                        released[reader] += 1  # copied out: its worker may rewrite it
+                    if i == count - 1:
+                        released[reader] += 1  # copied out: its reader may rewrite it
                     if batch is not None:
                         self.batch += 1
                         yield batch
         finally:
-            if released is not None:
-                released[-1] = 1  # workers waiting for a release stop
+            released[-1] = 1  # workers waiting for a release stop
         self.epoch += 1
         self.batch = 0
 
