@@ -307,6 +307,27 @@ class SparkIngest:
     def expr(self, sql: str) -> Column:
         return self.F.expr(sql)
 
+    def add(self, df: DataFrame, columns: dict[str, str]) -> DataFrame:
+        """``df`` with ``columns`` (name: Spark SQL), in as few projections as their uses allow.
+
+        Each ``withColumn`` is one more projection copying every column of every row (the rules
+        are too big for whole-stage code generation, so nothing fuses them) and one more analysis
+        of the whole plan on the driver; columns that do not use one another share one.
+        """
+        pending = dict(columns)
+        while pending:
+            ready = {
+                name: sql
+                for name, sql in pending.items()
+                if not any(re.search(rf"\b{re.escape(o)}\b", sql) for o in pending if o != name)
+            }
+            if not ready:  # pragma: no cover - a bug in the engine's own expressions
+                raise ValueError(f"columns that use one another: {sorted(pending)}")
+            df = df.withColumns({name: self.expr(sql) for name, sql in ready.items()})
+            for name in ready:
+                del pending[name]
+        return df
+
     def dense_index(self, df: DataFrame, order: Sequence[Column], start: int = 0) -> DataFrame:
         """``df`` with ``idx``: 0.. in ``order`` (plus ``start``), from a sort and partition offsets.
 
@@ -380,7 +401,6 @@ class SparkIngest:
         )
         # the first line: block 0, the first row of its partition
         first = "(_b = 0 AND _m = shiftleft(CAST(spark_partition_id() AS BIGINT), 33))"
-        df = df.withColumn("_first", self.expr(first))
         cut = (
             "CASE WHEN octet_length(b0) > 0 AND substr(b0, -1, 1) = X'0D' "
             "THEN substr(b0, 1, octet_length(b0) - 1) ELSE b0 END"
@@ -389,13 +409,12 @@ class SparkIngest:
             "CASE WHEN _first AND substr(b1, 1, 3) = X'EFBBBF' "
             "THEN substr(b1, 4, octet_length(b1)) ELSE b1 END"
         )
-        df = df.withColumn("b1", self.expr(cut)).withColumn("b", self.expr(bom))
+        df = self.add(df, {"_first": first, "b1": cut, "b": bom})
         return df.drop("b0", "b1")
 
     def _reader_checks(self, df: DataFrame, skip: int) -> DataFrame:
         """``line`` (text or NULL when empty), ``reason``/``detail``/``raw`` of the reader refusals."""
         limit = self.limit
-        df = df.withColumn("l0", self.expr("CAST(b AS STRING)"))
         reason = (
             f"CASE WHEN {'_first' if skip else 'FALSE'} THEN 'header' "
             "WHEN NOT is_valid_utf8(l0) THEN 'bad_encoding' "
@@ -414,12 +433,15 @@ class SparkIngest:
             + f" WHEN 'bad_line' THEN CASE WHEN octet_length(b) > {limit} THEN substr(l0, 1, 10000) "
             "ELSE l0 END END"
         )
-        return (
-            df.withColumn("rreason", self.expr(reason))
-            .withColumn("rdetail", self.expr(detail))
-            .withColumn("rraw", self.expr(raw))
-            .withColumn("raw", self.expr("CASE WHEN rreason IS NULL AND l0 <> '' THEN l0 END"))
-        )
+        checks = {
+            "l0": "CAST(b AS STRING)",
+            "rreason": reason,
+            "rdetail": detail,
+            "rraw": raw,
+            "raw": "CASE WHEN rreason IS NULL AND l0 <> '' THEN l0 END",
+        }
+        # the line's bytes and text are carried no further than their last use
+        return self.add(df, checks).drop("b", "l0", "_first")
 
     def _rules(
         self,
@@ -439,11 +461,10 @@ class SparkIngest:
             except ValueError as exc:
                 raise ConfigError(f"ingest (engine 'spark'): {exc}") from None
         overrides = overrides or {}
-        df = base
-        for name, sql in rules.DERIVED:
-            df = df.withColumn(
-                name, self.expr(overrides.get(name) or rules.to_spark(rules.render(sql, params)))
-            )
+        columns = {
+            name: overrides.get(name) or rules.to_spark(rules.render(sql, params))
+            for name, sql in rules.DERIVED
+        }
         if self.config.order_from_input:
             ts = "_pos"
         elif "ts" in overrides:
@@ -460,7 +481,8 @@ class SparkIngest:
             "value",
             rules.to_spark(rules.VALUE_SQL) if params["has_value"] else "CAST(1.0 AS DOUBLE)",
         )
-        df = df.withColumn("ts", self.expr(ts)).withColumn("value", self.expr(value))
+        columns["ts"] = ts
+        columns["value"] = value
         own = {"delimited": "field_count", "jsonl": "bad_json"}.get(spec.kind)
         active = [
             r for r in rules.RULES if r.reason not in ("field_count", "bad_json") or r.reason == own
@@ -472,27 +494,18 @@ class SparkIngest:
             f"WHEN '{r.reason}' THEN {rules.to_spark(rules.render(r.detail, params))}"
             for r in active
         )
-        df = df.withColumn(
-            "reason",
-            self.expr(
-                f"CASE WHEN rreason IS NOT NULL THEN rreason WHEN {blank} THEN 'blank' {whens} END"
-            ),
+        columns["reason"] = (
+            f"CASE WHEN rreason IS NOT NULL THEN rreason WHEN {blank} THEN 'blank' {whens} END"
         )
-        df = df.withColumn(
-            "detail",
-            self.expr(
-                "CASE WHEN rreason IS NOT NULL THEN rdetail "
-                f"WHEN reason IS NOT NULL AND reason <> 'blank' THEN CASE reason {details} END END"
-            ),
+        columns["detail"] = (
+            "CASE WHEN rreason IS NOT NULL THEN rdetail "
+            f"WHEN reason IS NOT NULL AND reason <> 'blank' THEN CASE reason {details} END END"
         )
-        df = df.withColumn(
-            "raw_out",
-            self.expr(
-                "CASE WHEN rreason IS NOT NULL THEN rraw "
-                f"WHEN reason IS NOT NULL AND reason <> 'blank' THEN {raw} END"
-            ),
+        columns["raw_out"] = (
+            "CASE WHEN rreason IS NOT NULL THEN rraw "
+            f"WHEN reason IS NOT NULL AND reason <> 'blank' THEN {raw} END"
         )
-        return df
+        return self.add(base, columns)
 
     def _with_pos(self, df: DataFrame, skip: int) -> DataFrame:
         """order_from_input: ``_pos``, the row's place among the rows the reader kept (+ header)."""
@@ -554,12 +567,17 @@ class SparkIngest:
                 "*",
                 F.posexplode(self.expr(items)).alias("_sub", "item_text"),
             )
-            df = df.withColumn("is_blank", self.expr("get(f, 0) = ''"))
-            df = df.withColumn("user_text", self.expr("get(f, 0)"))
-            df = df.withColumn("n_fields", F.lit(None).cast("int"))
-            df = df.withColumn("json_ok", F.lit(True))
-            df = df.withColumn("time_text", F.lit(None).cast("string"))
-            df = df.withColumn("value_text", F.lit(None).cast("string"))
+            df = self.add(
+                df,
+                {
+                    "is_blank": "get(f, 0) = ''",
+                    "user_text": "get(f, 0)",
+                    "n_fields": "CAST(NULL AS INT)",
+                    "json_ok": "TRUE",
+                    "time_text": "CAST(NULL AS STRING)",
+                    "value_text": "CAST(NULL AS STRING)",
+                },
+            ).drop("f")
             if self.config.order_from_input:
                 df = self._with_pos(df, 0)
             return self._rules(df, spec, blank="is_blank")
@@ -629,7 +647,7 @@ class SparkIngest:
             pick("item").alias("item_text"),
             pick("time").alias("time_text"),
             pick("value").alias("value_text"),
-        )
+        ).drop("f")
         expected = len(spec.columns)
         return self._rules(
             df,
