@@ -18,8 +18,9 @@ ts int64, value float32; zstd; row groups of 1M rows), then measures samples/s o
   size. Petastorm 0.13.1, the latest, imports ``pyarrow.filesystem``, which pyarrow 15 removed,
   so it runs in its own environment given by ``--petastorm-python`` (see below).
 
-Every configuration runs in its own process, one after the other, so it has the machine to itself.
-Prints a table of samples/s and ratios and writes it to bench/out/loader.md.
+Every configuration runs in its own process, one after the other, so it has the machine to itself,
+``--repeats`` times; the best run counts. Prints a table of samples/s and ratios and writes it to
+bench/out/loader.md.
 
     python bench/loader.py --rows 10000000 --petastorm-python /tmp/psvenv/bin/python
 
@@ -188,6 +189,23 @@ def write_part(directory: Path, rows: int, seed: int = 0) -> tuple[int, int]:
 
 
 def measure(kind: str, part: Path, workers: int, args: argparse.Namespace, n_items: int) -> dict:
+    """The best of ``args.repeats`` runs of one configuration (see :func:`measure_once`).
+
+    The best, not the mean: what else runs on the machine only ever slows a run down, and one
+    pass over 10M rows lasts a fraction of a second.
+    """
+    runs = [measure_once(kind, part, workers, args, n_items) for _ in range(args.repeats)]
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    best = max(good, key=lambda r: r["rate"])
+    best["rates"] = [round(r["rate"]) for r in good]
+    return best
+
+
+def measure_once(
+    kind: str, part: Path, workers: int, args: argparse.Namespace, n_items: int
+) -> dict:
     """One configuration in its own process: samples/s and the peak RSS of its largest process."""
     python = sys.executable
     if kind == "petastorm":
@@ -214,6 +232,7 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=1_000_000)
     parser.add_argument("--plain-batches", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; best kept")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument(
         "--petastorm-python", type=Path, help="a Python with petastorm (pyarrow < 15) installed"
