@@ -50,12 +50,15 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
 
-    def write(self, directory: str | Path) -> None:
-        (Path(directory) / "manifest.json").write_text(self.to_json())
+    def write(self, directory: str | Path | Any) -> None:
+        """``directory/manifest.json``; ``directory`` may be any path object with ``/``."""
+        base = Path(directory) if isinstance(directory, str) else directory
+        (base / "manifest.json").write_text(self.to_json())
 
     @classmethod
-    def read(cls, directory: str | Path) -> Manifest:
-        path = Path(directory) / "manifest.json"
+    def read(cls, directory: str | Path | Any) -> Manifest:
+        base = Path(directory) if isinstance(directory, str) else directory
+        path = base / "manifest.json"
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:

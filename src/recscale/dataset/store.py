@@ -1,6 +1,11 @@
 """Opening a dataset directory and reading its tables, splits and id maps.
 
 No engine and no torch here: Arrow for the files, NumPy for the arrays models consume.
+
+A dataset's path is a :class:`pathlib.Path`, or any object with the same methods for the few
+things read here (``/``, ``is_dir``, ``is_file``, ``iterdir``, ``glob``, ``read_text``, ``open``):
+the Spark engine opens datasets on Hadoop filesystems that way. Tables of such paths are read
+through ``open()``, file by file.
 """
 
 from __future__ import annotations
@@ -21,7 +26,19 @@ from recscale.dataset.manifest import Manifest
 from recscale.dataset.schema import INTERACTIONS_SCHEMA, SPLIT_PARTS
 from recscale.errors import DatasetError, SplitNotFoundError, UnknownIdError
 
-__all__ = ["Dataset", "Interactions", "Split", "open_dataset", "read_parts"]
+__all__ = ["Dataset", "Interactions", "Split", "as_path", "open_dataset", "read_parts"]
+
+
+def as_path(path: str | Path | Any) -> Path | Any:
+    """A text as a local :class:`~pathlib.Path`; a path object (local or not) as it is."""
+    return Path(path) if isinstance(path, str) else path
+
+
+def _read_table(path: Path | Any, schema: pa.Schema | None = None) -> pa.Table:
+    if isinstance(path, Path):
+        return pq.read_table(path, schema=schema)
+    with path.open("rb") as fh:
+        return pq.read_table(fh, schema=schema)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,22 +117,30 @@ class Interactions:
 
 def read_parts(directory: str | Path, columns: list[str] | None = None) -> pa.Table:
     """Read every ``part-*.parquet`` under ``directory`` as one table with the dataset schema."""
-    directory = Path(directory)
+    directory = as_path(directory)
     files = sorted(directory.glob("part-*.parquet"))
     if not files:
         raise DatasetError(f"{directory}: no part-*.parquet files")
     try:
-        table = pads.dataset(
-            [str(f) for f in files], format="parquet", schema=_schema_for(files[0])
-        ).to_table(columns=columns)
+        schema = _schema_for(files[0])
+        if isinstance(directory, Path):
+            table = pads.dataset([str(f) for f in files], format="parquet", schema=schema).to_table(
+                columns=columns
+            )
+        else:
+            table = pa.concat_tables(_read_table(f, schema) for f in files)
+            table = table.select(columns) if columns is not None else table
     except (pa.ArrowInvalid, OSError) as exc:
         raise DatasetError(f"{directory}: unreadable Parquet: {exc}") from None
     return table
 
 
-def _schema_for(first: Path) -> pa.Schema:
+def _schema_for(first: Path | Any) -> pa.Schema:
     try:
-        return pq.read_schema(first)
+        if isinstance(first, Path):
+            return pq.read_schema(first)
+        with first.open("rb") as fh:
+            return pq.read_schema(fh)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DatasetError(f"{first}: unreadable Parquet: {exc}") from None
 
@@ -158,8 +183,8 @@ class Split:
 class Dataset:
     """A dataset directory (see ``dataset/README.md``), opened read-only."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | Any) -> None:
+        self.path = as_path(path)
         if not self.path.is_dir():
             raise DatasetError(
                 f"dataset {str(self.path)!r} does not exist; create it with `recscale ingest ... --out {self.path}`"
@@ -185,11 +210,11 @@ class Dataset:
 
     @cached_property
     def users(self) -> pa.Table:
-        return pq.read_table(self.path / "users.parquet")
+        return _read_table(self.path / "users.parquet")
 
     @cached_property
     def items(self) -> pa.Table:
-        return pq.read_table(self.path / "items.parquet")
+        return _read_table(self.path / "items.parquet")
 
     @cached_property
     def _user_index(self) -> dict[str, int]:
@@ -240,7 +265,7 @@ class Dataset:
         return f"Dataset({str(self.path)!r}, users={self.n_users}, items={self.n_items}, interactions={self.manifest.n_interactions})"
 
 
-def open_dataset(path: str | Path) -> Dataset:
+def open_dataset(path: str | Path | Any) -> Dataset:
     """Open the dataset directory at ``path``; a missing or invalid one is a :class:`DatasetError`."""
     return Dataset(path)
 

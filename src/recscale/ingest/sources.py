@@ -6,13 +6,16 @@ whitespace-separated integer lists (LightGCN), or the delimiter that splits ever
 into the same number of fields. Only this sample is read in Python; every row is read by the
 engine. Column roles (user, item, time, value) come from the config, else from well-known names,
 else - for files without a header - from positions (user, item, value, time).
+
+Paths are local (:class:`pathlib.Path`) unless ``plan_sources`` is given other
+:class:`~recscale.ingest.files.Files`: the Spark engine passes its Hadoop filesystems, whose paths
+have the same methods, so detection reads the bytes the engine will read.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import gzip
 import io
 import json
@@ -21,12 +24,19 @@ import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recscale.config import IngestConfig
 from recscale.errors import FormatError, SchemaError, SourceNotFoundError
+from recscale.ingest.files import LOCAL_FILES, Files
+
+if TYPE_CHECKING:  # pragma: no cover - types only
+    from recscale.ingest.hadoop import HadoopPath
+
+    SourcePath = Path | HadoopPath
 
 __all__ = [
     "FORMATS",
@@ -113,7 +123,7 @@ _ML100K_GENRES = (
 class SourceSpec:
     """One input file of interactions and how to read it."""
 
-    path: Path
+    path: SourcePath
     format: str  # one of FORMATS, as recorded in the manifest
     kind: str  # reader: "delimited", "jsonl", "lightgcn" or "parquet"
     columns: tuple[str, ...] = ()
@@ -150,7 +160,7 @@ class SourceSpec:
 class MetaSpec:
     """A file of item or user features (titles, genres, demographics)."""
 
-    path: Path
+    path: SourcePath
     kind: str  # "ml100k-items", "ml100k-users", "ml1m-items", "ml1m-users", "table"
     target: str  # "items" or "users"
     id_col: str | None = None  # "table": the id column
@@ -188,15 +198,15 @@ def _strip_gz(name: str) -> str:
 # --------------------------------------------------------------------------- reading a sample
 
 
-def _head(path: Path) -> tuple[list[str], bool]:
+def _head(path: SourcePath) -> tuple[list[str], bool]:
     """The first lines of a file (decoded leniently, for sniffing only) and whether that is all."""
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as fh:
-                data = fh.read(SAMPLE_BYTES + 1)
-        else:
-            with path.open("rb") as fh:
-                data = fh.read(SAMPLE_BYTES + 1)
+        with path.open("rb") as raw:
+            if path.name.endswith(".gz"):
+                with gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+                    data = fh.read(SAMPLE_BYTES + 1)
+            else:
+                data = raw.read(SAMPLE_BYTES + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise FormatError(f"{path}: cannot be read as a gzip-compressed file: {exc}") from None
     complete = len(data) <= SAMPLE_BYTES
@@ -274,7 +284,7 @@ def _has_header(first: list[str], rest: list[list[str]]) -> bool:
 
 
 def _find_role(
-    role: str, columns: Sequence[str], config: IngestConfig, path: Path, header: bool
+    role: str, columns: Sequence[str], config: IngestConfig, path: SourcePath, header: bool
 ) -> str | None:
     wanted = getattr(config, f"{role}_col")
     if wanted is not None:
@@ -295,7 +305,7 @@ def _find_role(
 def _roles(
     columns: Sequence[str],
     config: IngestConfig,
-    path: Path,
+    path: SourcePath,
     *,
     header: bool,
     sample_rows: Sequence[Sequence[str]] = (),
@@ -333,7 +343,7 @@ def _roles(
 
 
 def _delimited(
-    path: Path,
+    path: SourcePath,
     config: IngestConfig,
     fmt: str,
     *,
@@ -389,7 +399,7 @@ def _ids_int(config: IngestConfig, by_format: bool) -> bool:
     return config.id_type == "int" or (config.id_type == "auto" and by_format)
 
 
-def _jsonl(path: Path, config: IngestConfig) -> SourceSpec:
+def _jsonl(path: SourcePath, config: IngestConfig) -> SourceSpec:
     lines, _ = _head(path)
     keys: dict[str, None] = {}
     for line in lines:
@@ -428,9 +438,10 @@ def _arrow_kind(t: pa.DataType) -> str:
     return "other"
 
 
-def _parquet(path: Path, config: IngestConfig) -> SourceSpec:
+def _parquet(path: SourcePath, config: IngestConfig) -> SourceSpec:
     try:
-        schema = pq.read_schema(path)
+        with path.open("rb") as fh:
+            schema = pq.read_schema(fh)
     except (pa.ArrowInvalid, OSError) as exc:
         raise FormatError(f"{path}: not a readable Parquet file: {exc}") from None
     columns = tuple(schema.names)
@@ -447,7 +458,7 @@ def _parquet(path: Path, config: IngestConfig) -> SourceSpec:
     )
 
 
-def _lightgcn(path: Path, config: IngestConfig, part: str | None = None) -> SourceSpec:
+def _lightgcn(path: SourcePath, config: IngestConfig, part: str | None = None) -> SourceSpec:
     lines, _ = _head(path)
     if not any(line.strip() for line in lines):
         raise FormatError(f"{path}: the file is empty (no data lines)")
@@ -466,7 +477,7 @@ _ML100K_RATINGS = re.compile(r"^(u\.data|u[1-5]\.(base|test)|u[ab]\.(base|test))
 _ML1M_RATINGS = re.compile(r"^ratings.*\.dat$")
 
 
-def _movielens_file(path: Path, config: IngestConfig) -> tuple[SourceSpec, list[MetaSpec]]:
+def _movielens_file(path: SourcePath, config: IngestConfig) -> tuple[SourceSpec, list[MetaSpec]]:
     """A MovieLens ratings file, plus the metadata files published next to it."""
     name = _strip_gz(path.name)
     folder = path.parent
@@ -512,7 +523,7 @@ def _movielens_file(path: Path, config: IngestConfig) -> tuple[SourceSpec, list[
     return spec, meta
 
 
-def _detect_file(path: Path, config: IngestConfig) -> tuple[list[SourceSpec], list[MetaSpec]]:
+def _detect_file(path: SourcePath, config: IngestConfig) -> tuple[list[SourceSpec], list[MetaSpec]]:
     fmt = config.format
     name = _strip_gz(path.name).lower()
     folder = path.parent
@@ -576,7 +587,7 @@ def _detect_file(path: Path, config: IngestConfig) -> tuple[list[SourceSpec], li
     )
 
 
-def _first(folder: Path, *names: str) -> Path | None:
+def _first(folder: SourcePath, *names: str) -> SourcePath | None:
     for name in names:
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
@@ -585,7 +596,7 @@ def _first(folder: Path, *names: str) -> Path | None:
 
 
 def _detect_folder(
-    folder: Path, config: IngestConfig
+    folder: SourcePath, config: IngestConfig
 ) -> tuple[list[SourceSpec], list[MetaSpec], bool]:
     fmt = config.format
     train, test = _first(folder, "train.txt"), _first(folder, "test.txt")
@@ -622,21 +633,21 @@ def _detect_folder(
     )
 
 
-def _expand(source: str | Path) -> list[Path]:
+def _expand(source: str | Path, files: Files) -> list[SourcePath]:
     text = str(source)
     if any(ch in text for ch in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        matches = sorted(p for p in files.glob(text) if p.is_file())
         if not matches:
             raise SourceNotFoundError(f"source {text!r} matches no file")
         return matches
-    path = Path(text)
+    path = files.path(text)
     if not path.exists():
         raise SourceNotFoundError(f"source {text!r} does not exist")
     return [path]
 
 
-def _meta_file(path: str, target: str, config: IngestConfig) -> MetaSpec:
-    file = Path(path)
+def _meta_file(path: str, target: str, config: IngestConfig, files: Files) -> MetaSpec:
+    file = files.path(path)
     if not file.is_file():
         raise SourceNotFoundError(f"{target}_file {path!r} does not exist")
     return MetaSpec(
@@ -647,8 +658,13 @@ def _meta_file(path: str, target: str, config: IngestConfig) -> MetaSpec:
     )
 
 
-def plan_sources(sources: Sequence[str | Path], config: IngestConfig) -> Plan:
-    """Resolve ``sources`` (files, globs, folders) into what to read; nothing is read but samples."""
+def plan_sources(
+    sources: Sequence[str | Path], config: IngestConfig, *, files: Files = LOCAL_FILES
+) -> Plan:
+    """Resolve ``sources`` (files, globs, folders) into what to read; nothing is read but samples.
+
+    ``files`` says where paths live (local files by default).
+    """
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
@@ -658,7 +674,7 @@ def plan_sources(sources: Sequence[str | Path], config: IngestConfig) -> Plan:
     users: list[MetaSpec] = []
     given = False
     for source in sources:
-        for path in _expand(source):
+        for path in _expand(source, files):
             if path.is_dir():
                 found, meta, is_given = _detect_folder(path, config)
                 given = given or is_given
@@ -667,7 +683,7 @@ def plan_sources(sources: Sequence[str | Path], config: IngestConfig) -> Plan:
             specs.extend(found)
             items.extend(m for m in meta if m.target == "items")
             users.extend(m for m in meta if m.target == "users")
-    seen: set[Path] = set()
+    seen: set[SourcePath] = set()
     unique = []
     for spec in specs:
         key = spec.path.resolve()
@@ -675,9 +691,9 @@ def plan_sources(sources: Sequence[str | Path], config: IngestConfig) -> Plan:
             seen.add(key)
             unique.append(spec)
     if config.items_file:
-        items.append(_meta_file(config.items_file, "items", config))
+        items.append(_meta_file(config.items_file, "items", config, files))
     if config.users_file:
-        users.append(_meta_file(config.users_file, "users", config))
+        users.append(_meta_file(config.users_file, "users", config, files))
     # one metadata file per path is enough
     items = list({m.path.resolve(): m for m in items}.values())
     users = list({m.path.resolve(): m for m in users}.values())
