@@ -7,7 +7,6 @@ import dataclasses
 import json
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from importlib import metadata
@@ -18,11 +17,12 @@ import duckdb
 import pyarrow.parquet as pq
 
 from recscale.config import IngestConfig
-from recscale.dataset import Dataset, Manifest, SourceFile, atomic_directory, file_sha256
+from recscale.dataset import Dataset, Manifest, SourceFile
 from recscale.dataset.store import open_dataset
 from recscale.errors import ConfigError, DatasetError, InputError
 from recscale.ingest.common import EngineResult
 from recscale.ingest.duckdb_engine import run_duckdb
+from recscale.ingest.files import LOCAL_FILES, Files, refuse_uris
 from recscale.ingest.quality import format_quality
 from recscale.ingest.sources import Plan, plan_sources
 
@@ -47,7 +47,7 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _check_out(out: Path, append: bool) -> Dataset | None:
+def _check_out(out: Any, append: bool) -> Dataset | None:
     if out.exists() and not out.is_dir():
         raise DatasetError(f"out {str(out)!r} is a file; expected a dataset directory")
     is_dataset = (out / "manifest.json").is_file()
@@ -86,25 +86,34 @@ def ingest(
     is printed.
 
     ``engine`` is ``"duckdb"`` (one machine, out-of-core) or ``"spark"`` (PySpark: ``spark`` is a
-    SparkSession, else the active one, else a new local one); both write the same dataset.
+    SparkSession, else the active one, else a new local one); both write the same dataset. With
+    ``"spark"`` every path (sources, metadata files, ``out``) is read and written through the
+    session's Hadoop filesystems, so ``hdfs://``, ``s3a://``, ``file://`` and other URIs work
+    there; ``"duckdb"`` takes local paths only.
     """
     if engine not in ENGINES:
         raise ConfigError(
             f"ingest: engine {engine!r} is unknown; expected one of "
             + ", ".join(repr(e) for e in ENGINES)
         )
+    start = time.perf_counter()
+    files: Files = LOCAL_FILES
     if engine == "spark":
-        from recscale.ingest.spark_engine import _spark
+        from recscale.ingest.hadoop import HadoopFS
+        from recscale.ingest.spark_engine import _spark, spark_session
 
         _spark()  # a missing pyspark is reported before any file is read
-    start = time.perf_counter()
-    out = Path(out)
-    plan = plan_sources(sources, config)
+        spark = spark if spark is not None else spark_session()
+        files = HadoopFS(spark)
+    else:
+        refuse_uris("ingest", [*map(str, sources), str(out), config.items_file, config.users_file])
+    out = files.path(str(out))
+    plan = plan_sources(sources, config, files=files)
     existing = _check_out(out, append)
     hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        # hashing reads every byte once, on a thread (hashlib releases the GIL) beside DuckDB
-        hashes = {spec.path: hashing.submit(file_sha256, spec.path) for spec in plan.sources}
+        # hashing reads every byte once, on a thread beside the engine
+        hashes = {spec.path: hashing.submit(files.sha256, spec.path) for spec in plan.sources}
         if existing is not None:
             known = {s.sha256: s.path for s in existing.manifest.sources}
             for path, digest in hashes.items():
@@ -114,9 +123,9 @@ def ingest(
                         f"{known[digest.result()]}); appending it again would count its rows twice"
                     )
         out.parent.mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.ingest-", dir=out.parent))
+        workdir = files.make_temp_dir(out.parent, f".{out.name}.ingest-")
         try:
-            with atomic_directory(out) as tmp:
+            with files.atomic_directory(out) as tmp:
                 if engine == "spark":
                     from recscale.ingest.spark_engine import run_spark
 
@@ -153,7 +162,7 @@ def ingest(
                 (tmp / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
                 manifest.write(tmp)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            files.remove_tree(workdir)
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
     if progress:
@@ -197,7 +206,7 @@ def _carry_rejected(old: Path, new: Path) -> None:
     shutil.rmtree(staging)
 
 
-def _write_given(directory: Path, plan: Plan, given: dict[str, Any]) -> None:
+def _write_given(directory: Any, plan: Plan, given: dict[str, Any]) -> None:
     split = {
         "name": "given",
         "strategy": "given",

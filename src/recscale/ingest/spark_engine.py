@@ -13,15 +13,27 @@ two engines agree row for row:
 - **ids**: indices follow DuckDB's rule (ascending integers when every id is one, else ascending
   text); a dense, ordered index is a global sort, then each sorted partition's row offsets.
 - **dedupe**: the same tie order (time, then input order) as a window per (user, item) pair.
+- **casts**: text becomes an integer by the non-ANSI ``CAST`` (see ``rules.to_spark``): Spark's
+  ``TRY_CAST`` raises and catches a Java exception for every text that is not a number.
 - **splits**: DuckDB's seeded row hash (``hash(seed, user_idx, item_idx, ts, value)``, a
   murmur-style mix of 64-bit words) is rebuilt from 64-bit arithmetic, so the same rows are drawn.
 - **reports**: the quality statistics come from the same counts of counts
   (:func:`recscale.ingest.quality.stats_from_counts`).
 
-Final files are written by Spark as Parquet into the work directory and re-cut by pyarrow, one
-part after another, into the dataset's schemas and row groups; no table is collected on the driver.
-Metadata files (titles, genres, demographics: small side tables) are joined by DuckDB, so their
-column types are the same whichever engine ingested the interactions.
+Where the time goes, and how it is kept down: staging (the rules over every line) is the one pass
+over the raw text and is saved as Parquet; the id maps are a sort of the distinct ids; dedupe
+range-partitions the rows by (user_idx, item_idx) once, so the per-pair window and the final order
+share one shuffle and the final rows are written as they come out of it (the report's figures
+observed on the way). Splits likewise range-partition by user once for the per-user windows and
+the ordered parts.
+
+Final files are written by the executors in the dataset's schema, row groups and file sizes, and
+the driver only renames them into ``part-00000.parquet``, ... in order: no table passes through
+the driver but the id maps. Every path goes through the session's Hadoop filesystems
+(:mod:`recscale.ingest.hadoop`), so sources and datasets may be ``hdfs://``, ``s3a://``,
+``file://`` or any other URI the session can read, or plain paths on its default filesystem.
+Metadata files (titles, genres, demographics: small side tables) are copied to the driver and
+joined by DuckDB, so their column types are the same whichever engine ingested the interactions.
 
 pyspark is imported only here, and only when the engine is used; without it the error names the
 extra to install.
@@ -34,7 +46,7 @@ import dataclasses
 import json
 import math
 import re
-import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,15 +60,17 @@ from recscale.dataset import (
     INTERACTIONS_SCHEMA,
     REJECTED_SCHEMA,
     Dataset,
-    write_parquet_parts,
 )
+from recscale.dataset.files import ROWS_PER_GROUP
 from recscale.errors import ConfigError, DatasetError, FormatError, InputError
 from recscale.ingest import quality, rules
 from recscale.ingest.common import EngineResult, Progress, line_limit, rule_params, tally
-from recscale.ingest.sources import Plan, SourceSpec
+from recscale.ingest.sources import MetaSpec, Plan, SourceSpec
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     from pyspark.sql import Column, DataFrame, SparkSession
+
+    from recscale.ingest.hadoop import HadoopPath
 
 __all__ = ["SPARK_INSTALL", "run_spark", "spark_assign", "spark_session"]
 
@@ -263,9 +277,10 @@ class SparkIngest:
     """One ingest run on a Spark session, with its intermediate tables under ``workdir``."""
 
     def __init__(
-        self, spark: SparkSession, config: IngestConfig, workdir: Path, progress: bool
+        self, spark: SparkSession, config: IngestConfig, workdir: HadoopPath, progress: bool
     ) -> None:
         self.spark = spark
+        self.files = workdir.fs
         self.F = _spark().functions
         self.W = _spark().Window
         self.config = config
@@ -328,18 +343,23 @@ class SparkIngest:
                 del pending[name]
         return df
 
-    def dense_index(self, df: DataFrame, order: Sequence[Column], start: int = 0) -> DataFrame:
-        """``df`` with ``idx``: 0.. in ``order`` (plus ``start``), from a sort and partition offsets.
+    def dense_index(
+        self, df: DataFrame, order: Sequence[Column], name: str
+    ) -> tuple[DataFrame, int]:
+        """``df`` with ``idx``: 0.. in ``order``, from a sort and partition offsets; and its rows.
 
         A global sort leaves partition p's rows before partition p+1's; each row's index is the rows
         of the partitions before it plus its place in its own, so no single task sees all rows.
         """
         F = self.F
+        # the sort samples its input before it shuffles it: from a saved table, not by running
+        # the plan (a distinct over every row) twice
         tagged = self.save(
-            df.orderBy(*order)
+            self.save(df, f"{name}-rows")
+            .orderBy(*order)
             .withColumn("_p", F.spark_partition_id())
             .withColumn("_k", F.monotonically_increasing_id()),
-            "sorted",
+            name,
         )
         parts = sorted(
             (r["_p"], r["k0"], r["n"])
@@ -347,21 +367,20 @@ class SparkIngest:
             .agg(F.min("_k").alias("k0"), F.count("*").alias("n"))
             .collect()
         )
-        offsets, total = [], start
+        shift, total = [], 0
         for p, k0, n in parts:
-            offsets.append((p, k0, total))
+            shift += [F.lit(p), F.lit(total - k0)]
             total += n
-        offs = self.values(offsets, "_p INT, _k0 BIGINT, _off BIGINT")
-        return (
-            tagged.join(F.broadcast(offs), "_p")
-            .withColumn("idx", (F.col("_off") + F.col("_k") - F.col("_k0")).cast("int"))
-            .drop("_p", "_k", "_k0", "_off")
-        )
+        # the offsets are a literal map, not a join: the planner then sizes the index as the
+        # table it reads, and broadcasts it to the joins that use it when it is small
+        offset = F.element_at(F.create_map(*shift), F.col("_p")) if shift else F.lit(0)
+        indexed = tagged.withColumn("idx", (F.col("_k") + offset).cast("int")).drop("_p", "_k")
+        return indexed, total
 
     def write_parts(
         self,
         df: DataFrame,
-        directory: Path,
+        directory: HadoopPath,
         schema: pa.Schema,
         *,
         rows_per_group: int,
@@ -370,23 +389,10 @@ class SparkIngest:
         """``df`` (already in output order) as the dataset's ``part-*.parquet`` files."""
         self._n += 1
         staging = self.workdir / f"{self._n:03d}-out"
-        df.write.mode("overwrite").parquet(str(staging))
-        files = sorted(staging.glob("part-*.parquet"))
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            for f in files:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_group):
-                    yield batch.select(schema.names)
-
-        n = write_parquet_parts(
-            batches(),
-            directory,
-            schema,
-            rows_per_group=rows_per_group,
-            rows_per_file=rows_per_file,
+        _write_ordered(
+            df, staging, schema, rows_per_group=rows_per_group, rows_per_file=rows_per_file
         )
-        shutil.rmtree(staging, ignore_errors=True)
-        return n
+        return _adopt_parts(self.spark, staging, directory, schema)
 
     # ----------------------------------------------------------------- staging
 
@@ -736,18 +742,30 @@ class SparkIngest:
 
     # ----------------------------------------------------------------- the pipeline
 
-    def run(self, plan: Plan, out: Path) -> EngineResult:
+    def run(self, plan: Plan, out: HadoopPath) -> EngineResult:
         F = self.F
         cfg = self.config
         self.staged_parts: list[str] = []
         for src, spec in enumerate(plan.sources):
             self.stage(spec, src)
         staged = self.spark.read.parquet(*self.staged_parts)
-        counts = staged.groupBy("src", "reason").count().collect()
+        # one pass for the tally and for whether any accepted id is text (then ids map as text)
+        counts = (
+            staged.groupBy("src", "reason")
+            .agg(
+                F.count("*").alias("n"),
+                F.count("u_str").alias("u_text"),
+                F.count("i_str").alias("i_text"),
+            )
+            .collect()
+        )
         per_source, by_reason, skipped = tally(
-            ((r["src"], r["reason"], r["count"]) for r in counts),
+            ((r["src"], r["reason"], r["n"]) for r in counts),
             [(run.src, run.spec) for run in self.sources],
         )
+        has_str = {
+            p: any(r[f"{p}_text"] for r in counts if r["reason"] is None) for p in ("u", "i")
+        }
         per_src = {run.src: entry for run, entry in zip(self.sources, per_source, strict=True)}
         for run in self.sources:
             run.lines = per_src[run.src]["rows_in"]
@@ -779,90 +797,118 @@ class SparkIngest:
         accepted = staged.filter("reason IS NULL")
 
         # id maps: ascending integers when every id of the role is one, else ascending text
-        maps = {}
-        for p in ("u", "i"):
-            has_str = accepted.filter(f"{p}_str IS NOT NULL").limit(1).count() > 0
-            key = (
-                f"CAST(coalesce({p}_str, CAST({p}_int AS STRING)) AS STRING)"
-                if has_str
-                else f"{p}_int"
+        keys = {
+            p: f"CAST(coalesce({p}_str, CAST({p}_int AS STRING)) AS STRING)"
+            if has_str[p]
+            else f"{p}_int"
+            for p in ("u", "i")
+        }
+        maps = {
+            p: self.dense_index(
+                accepted.select(self.expr(keys[p]).alias("k")).distinct(), [F.col("k")], f"{p}map"
             )
-            distinct = accepted.select(self.expr(key).alias("k")).distinct()
-            maps[p] = (has_str, self.save(self.dense_index(distinct, [F.col("k")]), f"{p}map"))
-        u_key = (
-            "CAST(coalesce(u_str, CAST(u_int AS STRING)) AS STRING)" if maps["u"][0] else "u_int"
-        )
-        i_key = (
-            "CAST(coalesce(i_str, CAST(i_int AS STRING)) AS STRING)" if maps["i"][0] else "i_int"
-        )
+            for p in ("u", "i")
+        }
         joined = (
-            accepted.withColumn("_uk", self.expr(u_key))
-            .withColumn("_ik", self.expr(i_key))
+            accepted.withColumn("_uk", self.expr(keys["u"]))
+            .withColumn("_ik", self.expr(keys["i"]))
             .join(
-                maps["u"][1].select(F.col("k").alias("_uk"), F.col("idx").alias("user_idx")), "_uk"
+                maps["u"][0].select(F.col("k").alias("_uk"), F.col("idx").alias("user_idx")),
+                "_uk",
             )
             .join(
-                maps["i"][1].select(F.col("k").alias("_ik"), F.col("idx").alias("item_idx")), "_ik"
+                maps["i"][0].select(F.col("k").alias("_ik"), F.col("idx").alias("item_idx")),
+                "_ik",
             )
             .select("user_idx", "item_idx", "ts", "value", "src", "_b", "_m", "_sub")
         )
-        joined = self.save(joined, "joined")
-
-        pairs = self.dedupe(joined)
-        removed = self.kcore(pairs)
-        pairs = self.spark.read.parquet(self.pairs_path)
-        if removed and removed == pairs.count():
-            raise InputError(
-                f"the k-core filter (min_user_interactions={cfg.min_user_interactions}, "
-                f"min_item_interactions={cfg.min_item_interactions}) removed all {removed:,} "
-                "interactions; lower the minimums"
-            )
-        final, ufinal, ifinal = self.finalize(pairs, maps["u"][1], maps["i"][1], removed)
+        kcore = cfg.min_user_interactions > 1 or cfg.min_item_interactions > 1
         rows = cfg.rows_per_group
         (out / "interactions").mkdir()
-        n_inter = self.write_parts(
-            final.select(*INTERACTIONS_SCHEMA.names),
-            out / "interactions",
-            INTERACTIONS_SCHEMA,
-            rows_per_group=rows,
-            rows_per_file=4 * rows,
-        )
+        inter_dir = out / "interactions"
+        stats = self.F.count("*").alias("n"), *_STAT_AGGS(self.F)
+        removed, n_kcore, kc = 0, 0, None
         given = None
-        if plan.given_split:
-            given = {"counts": {"train": 0, "valid": 0, "test": 0}, "users": {}}
-            for run in self.sources:
-                part = run.spec.part
-                if part:
-                    sub = final.filter(F.col("src") == run.src)
-                    given["counts"][part] = self.write_parts(
-                        sub.select(*INTERACTIONS_SCHEMA.names),
-                        out / "splits" / "given" / part,
-                        INTERACTIONS_SCHEMA,
-                        rows_per_group=rows,
-                        rows_per_file=4 * rows,
-                    )
-                    given["users"][part] = sub.select("user_idx").distinct().count()
-        meta_cols = self.id_tables(plan, ufinal, ifinal, out)
-        n_kcore = 0
-        if removed:
-            kc = self.kcore_rows(joined, pairs)
-            n_kcore = kc.count()
-            by_reason["kcore"] = n_kcore
-            for row in kc.groupBy("src").count().collect():
-                entry = per_src[int(row["src"])]
-                entry["accepted"] -= int(row["count"])
-                entry["rejected"] += int(row["count"])
+        if not kcore and not plan.given_split:
+            # the common path: dedupe and the final order share one shuffle, and the final rows
+            # are written as they come out of it (the report's figures observed on the way)
+            observed = _spark().Observation("final")
+            final = self.dedupe(joined).observe(observed, *stats)
+            n_inter = self.write_parts(
+                final.select(*INTERACTIONS_SCHEMA.names),
+                inter_dir,
+                INTERACTIONS_SCHEMA,
+                rows_per_group=rows,
+                rows_per_file=4 * rows,
+            )
+            figures = observed.get
+            umap, n_users = maps["u"]
+            imap, n_items = maps["i"]
+            written = self.spark.read.parquet(str(inter_dir))
         else:
-            kc = None
+            if kcore:
+                joined = self.save(joined, "joined")
+            pairs = self.save(
+                self.dedupe(joined).withColumn("removed", F.lit(None).cast("int")), "pairs-0"
+            )
+            removed, pairs = self.kcore(pairs)
+            if removed and removed == pairs.count():
+                raise InputError(
+                    f"the k-core filter (min_user_interactions={cfg.min_user_interactions}, "
+                    f"min_item_interactions={cfg.min_item_interactions}) removed all "
+                    f"{removed:,} interactions; lower the minimums"
+                )
+            final, (umap, n_users), (imap, n_items) = self.finalize(
+                pairs, maps["u"], maps["i"], removed
+            )
+            order = [F.col("user_idx"), F.col("item_idx")]
+            if cfg.dedupe == "none":
+                order += [F.col("ts").asc_nulls_first(), *map(F.col, ("src", "_b", "_m", "_sub"))]
+            else:
+                # unique pairs: the rest of the order only makes it total
+                order += [F.col("ts").asc_nulls_first(), F.col("value")]
+            n_inter = self.write_parts(
+                final.orderBy(*order).select(*INTERACTIONS_SCHEMA.names),
+                inter_dir,
+                INTERACTIONS_SCHEMA,
+                rows_per_group=rows,
+                rows_per_file=4 * rows,
+            )
+            figures = final.agg(*stats).first().asDict()
+            written = final
+            if plan.given_split:
+                given = {"counts": {"train": 0, "valid": 0, "test": 0}, "users": {}}
+                for run in self.sources:
+                    part = run.spec.part
+                    if part:
+                        sub = final.filter(F.col("src") == run.src)
+                        given["counts"][part] = self.write_parts(
+                            sub.orderBy(*order).select(*INTERACTIONS_SCHEMA.names),
+                            out / "splits" / "given" / part,
+                            INTERACTIONS_SCHEMA,
+                            rows_per_group=rows,
+                            rows_per_file=4 * rows,
+                        )
+                        given["users"][part] = sub.select("user_idx").distinct().count()
+            if removed:
+                kc = self.kcore_rows(joined, pairs)
+                n_kcore = kc.count()
+                by_reason["kcore"] = n_kcore
+                for row in kc.groupBy("src").count().collect():
+                    entry = per_src[int(row["src"])]
+                    entry["accepted"] -= int(row["count"])
+                    entry["rejected"] += int(row["count"])
+        if n_inter != figures["n"]:  # pragma: no cover - an engine bug, never user input
+            raise RuntimeError(f"interactions written {n_inter} != counted {figures['n']}")
+        meta_cols = self.id_tables(plan, umap, imap, out)
         n_rej = self.rejected(staged, kc, out / "rejected")
         n_rejected = sum(by_reason.values())
         if n_rej != n_rejected:  # pragma: no cover - an engine bug, never user input
             raise RuntimeError(f"rejected rows written {n_rej} != counted {n_rejected}")
-        n_users, n_items = ufinal.count(), ifinal.count()
         folded = (n_accepted - n_kcore) - n_inter
         duplicates = folded
         if cfg.dedupe == "none":
-            duplicates = n_inter - final.select("user_idx", "item_idx").distinct().count()
+            duplicates = n_inter - written.select("user_idx", "item_idx").distinct().count()
         return EngineResult(
             source_rows=per_source,
             rejected_by_reason=by_reason,
@@ -875,14 +921,21 @@ class SparkIngest:
             duplicates=duplicates,
             folded=folded,
             given_split=given,
-            quality_stats=self.stats(final, n_users, n_items),
+            quality_stats=self.stats(written, n_users, n_items, figures),
             meta_columns=meta_cols,
             warnings=self.warnings,
         )
 
     def dedupe(self, joined: DataFrame) -> DataFrame:
+        """One row per (user, item) pair as the policy says, in (user_idx, item_idx) order.
+
+        The rows are range-partitioned by (user_idx, item_idx) once: the window or aggregate per
+        pair needs no other shuffle, and each task's rows, sorted, follow the previous task's, so
+        the result is in the final order without a second sort.
+        """
         F, W = self.F, self.W
         policy = self.config.dedupe
+        ranged = joined.repartitionByRange("user_idx", "item_idx")
         if policy in ("keep-last", "keep-first"):
             tie = (
                 [
@@ -896,12 +949,17 @@ class SparkIngest:
                 ]
             )
             w = W.partitionBy("user_idx", "item_idx").orderBy(*tie)
-            pairs = joined.withColumn("_r", F.row_number().over(w)).filter("_r = 1")
+            pairs = ranged.withColumn("_r", F.row_number().over(w)).filter("_r = 1")
         elif policy == "none":
-            pairs = joined
+            pairs = ranged.sortWithinPartitions(
+                "user_idx",
+                "item_idx",
+                F.col("ts").asc_nulls_first(),
+                *map(F.col, ("src", "_b", "_m", "_sub")),
+            )
         else:
             weight = F.col("value") if policy == "sum" else F.lit(1.0)
-            pairs = joined.groupBy("user_idx", "item_idx").agg(
+            pairs = ranged.groupBy("user_idx", "item_idx").agg(
                 F.max("ts").alias("ts"),
                 F.sum(weight).cast("double").alias("value"),
                 F.max_by("src", F.struct("src", "_b", "_m", "_sub")).alias("src"),
@@ -916,28 +974,15 @@ class SparkIngest:
                 F.col("_last._b").alias("_b"),
                 F.col("_last._m").alias("_m"),
                 F.col("_last._sub").alias("_sub"),
-            )
-        pairs = pairs.select(
-            "user_idx",
-            "item_idx",
-            "ts",
-            "value",
-            "src",
-            "_b",
-            "_m",
-            "_sub",
-            F.lit(None).cast("int").alias("removed"),
-        )
-        self.pairs_path = str(self.workdir / "pairs-0")
-        pairs.write.mode("overwrite").parquet(self.pairs_path)
-        return self.spark.read.parquet(self.pairs_path)
+            ).sortWithinPartitions("user_idx", "item_idx")
+        return pairs.select("user_idx", "item_idx", "ts", "value", "src", "_b", "_m", "_sub")
 
-    def kcore(self, pairs: DataFrame) -> int:
-        """Mark pairs removed by the k-core filter, round by round; returns how many."""
+    def kcore(self, pairs: DataFrame) -> tuple[int, DataFrame]:
+        """Mark pairs removed by the k-core filter, round by round; how many, and the pairs."""
         F = self.F
         min_u, min_i = self.config.min_user_interactions, self.config.min_item_interactions
         if min_u <= 1 and min_i <= 1:
-            return 0
+            return 0, pairs
         removed, round_ = 0, 0
         while True:
             round_ += 1
@@ -966,75 +1011,94 @@ class SparkIngest:
                 )
                 .drop("_lu", "_li")
             )
-            path = str(self.workdir / f"pairs-{round_}")
-            marked.write.mode("overwrite").parquet(path)
-            pairs = self.spark.read.parquet(path)
+            pairs = self.save(marked, f"pairs-{round_}")
             changed = pairs.filter(F.col("removed") == round_).count()
-            self.pairs_path = path
             if changed == 0:
                 break
             removed += changed
         self.say(f"k-core: {removed:,} (user, item) pairs removed in {round_ - 1} rounds")
-        return removed
+        return removed, pairs
 
     def finalize(
-        self, pairs: DataFrame, umap: DataFrame, imap: DataFrame, removed: int
-    ) -> tuple[DataFrame, DataFrame, DataFrame]:
-        """The final interactions (in output order) and the id maps with their final indices."""
+        self,
+        pairs: DataFrame,
+        umap: tuple[DataFrame, int],
+        imap: tuple[DataFrame, int],
+        removed: int,
+    ) -> tuple[DataFrame, tuple[DataFrame, int], tuple[DataFrame, int]]:
+        """The final interactions (unordered) and the id maps with their final indices."""
         F = self.F
         alive = pairs.filter("removed IS NULL")
         if not removed:
-            order = [F.col("user_idx"), F.col("item_idx")]
-            if self.config.dedupe == "none":
-                order += [F.col("ts").asc_nulls_first(), *map(F.col, ("src", "_b", "_m", "_sub"))]
-            return alive.orderBy(*order), umap, imap
+            return alive, umap, imap
         finals = []
-        for m, role in ((umap, "user"), (imap, "item")):
+        for (m, _), role in ((umap, "user"), (imap, "item")):
             kept = alive.select(F.col(f"{role}_idx").alias("idx")).distinct()
             survivors = m.join(kept, "idx", "left_semi").withColumnRenamed("idx", "old")
-            finals.append(self.save(self.dense_index(survivors, [F.col("old")]), f"{role}final"))
+            finals.append(self.dense_index(survivors, [F.col("old")], f"{role}final"))
         ufinal, ifinal = finals
         final = (
             alive.join(
-                ufinal.select(F.col("old").alias("user_idx"), F.col("idx").alias("u2")), "user_idx"
+                ufinal[0].select(F.col("old").alias("user_idx"), F.col("idx").alias("u2")),
+                "user_idx",
             )
             .join(
-                ifinal.select(F.col("old").alias("item_idx"), F.col("idx").alias("i2")), "item_idx"
+                ifinal[0].select(F.col("old").alias("item_idx"), F.col("idx").alias("i2")),
+                "item_idx",
             )
             .drop("user_idx", "item_idx")
             .withColumnRenamed("u2", "user_idx")
             .withColumnRenamed("i2", "item_idx")
-            .orderBy("user_idx", "item_idx", F.col("ts").asc_nulls_first(), "value")
         )
-        return (
-            self.save(final, "final").orderBy(
-                "user_idx", "item_idx", F.col("ts").asc_nulls_first(), "value"
-            ),
-            ufinal,
-            ifinal,
-        )
+        return self.save(final, "final"), ufinal, ifinal
 
     def id_tables(
-        self, plan: Plan, ufinal: DataFrame, ifinal: DataFrame, out: Path
+        self, plan: Plan, umap: DataFrame, imap: DataFrame, out: HadoopPath
     ) -> dict[str, list[str]]:
-        """users.parquet / items.parquet: the maps, joined with the metadata files by DuckDB."""
+        """users.parquet / items.parquet: the maps, joined with the metadata files by DuckDB.
+
+        The maps come to the driver as Arrow (one row an id; the tables are built in memory
+        anyway), metadata files are copied to a local folder for DuckDB, and the two tables are
+        copied to ``out`` when written.
+        """
         from recscale.ingest.duckdb_engine import DuckDBIngest
 
-        for m, name in ((ufinal, "ufinal"), (ifinal, "ifinal")):
-            m.select("k", "idx").write.mode("overwrite").parquet(str(self.workdir / name))
-        duck = DuckDBIngest(self.config, self.workdir, progress=False)
-        try:
-            for name in ("ufinal", "ifinal"):
-                duck.con.execute(
-                    f"CREATE VIEW {name} AS SELECT * FROM "
-                    f"read_parquet('{self.workdir / name}/*.parquet')"
-                )
-            return {
-                "users": duck.write_id_table("users", plan.users_meta, None, out / "users.parquet"),
-                "items": duck.write_id_table("items", plan.items_meta, None, out / "items.parquet"),
-            }
-        finally:
-            duck.close()
+        with (
+            tempfile.TemporaryDirectory(prefix="recscale-ids-") as tmp,
+            contextlib.ExitStack() as stack,
+        ):
+            local = Path(tmp)
+            names: dict[str, str] = {}
+
+            def fetch(meta: MetaSpec) -> MetaSpec:
+                copy = stack.enter_context(self.files.local_copy(meta.path))
+                names[str(copy)] = str(meta.path)
+                return dataclasses.replace(meta, path=copy)
+
+            users_meta = [fetch(m) for m in plan.users_meta]
+            items_meta = [fetch(m) for m in plan.items_meta]
+            duck = DuckDBIngest(self.config, local, progress=False)
+            try:
+                for m, name in ((umap, "ufinal"), (imap, "ifinal")):
+                    duck.con.register(name, m.select("k", "idx").toArrow())
+                columns = {
+                    "users": duck.write_id_table(
+                        "users", users_meta, None, local / "users.parquet"
+                    ),
+                    "items": duck.write_id_table(
+                        "items", items_meta, None, local / "items.parquet"
+                    ),
+                }
+            except FormatError as exc:
+                message = str(exc)
+                for copy, original in names.items():
+                    message = message.replace(copy, original)
+                raise FormatError(message) from None
+            finally:
+                duck.close()
+            for name in ("users", "items"):
+                self.files.copy_from_local(local / f"{name}.parquet", out / f"{name}.parquet")
+        return columns
 
     def _line_numbers(self, rows: DataFrame) -> DataFrame:
         """``line`` of rows of text sources from their block and position; Parquet: row + 1."""
@@ -1101,7 +1165,7 @@ class SparkIngest:
             allraw = allraw.unionByName(df)
         return self.save(rows.join(allraw, ["src", "_b", "_m"]), "kcore")
 
-    def rejected(self, staged: DataFrame, kc: DataFrame | None, directory: Path) -> int:
+    def rejected(self, staged: DataFrame, kc: DataFrame | None, directory: HadoopPath) -> int:
         F = self.F
         rows = staged.filter("reason IS NOT NULL AND reason NOT IN ('blank', 'header')").select(
             "src", "_b", "_m", "_sub", "raw_out", "reason", "detail"
@@ -1131,7 +1195,10 @@ class SparkIngest:
             out, directory, REJECTED_SCHEMA, rows_per_group=1 << 20, rows_per_file=4 << 20
         )
 
-    def stats(self, final: DataFrame, n_users: int, n_items: int) -> dict[str, Any]:
+    def stats(
+        self, final: DataFrame, n_users: int, n_items: int, figures: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The report's shape statistics: counts of counts from ``final``, the rest ``figures``."""
         F = self.F
         hists = []
         for role in ("user", "item"):
@@ -1139,30 +1206,113 @@ class SparkIngest:
                 final.groupBy(f"{role}_idx").count().groupBy("count").agg(F.count("*").alias("f"))
             ).collect()
             hists.append({int(r["count"]): int(r["f"]) for r in rows})
-        r = final.agg(
-            F.min("ts"),
-            F.max("ts"),
-            (F.count("*") - F.count("ts")),
-            F.min("value"),
-            F.max("value"),
-            F.avg("value"),
-        ).first()
+        f = figures
         return quality.stats_from_counts(
-            n_users, n_items, hists[0], hists[1], (r[0], r[1], int(r[2])), (r[3], r[4], r[5])
+            n_users,
+            n_items,
+            hists[0],
+            hists[1],
+            (f["ts_min"], f["ts_max"], int(f["ts_missing"])),
+            (f["v_min"], f["v_max"], f["v_mean"]),
         )
+
+
+def _STAT_AGGS(F: Any) -> tuple[Column, ...]:
+    """The report's figures of the final interactions, as aggregates (observed or computed)."""
+    return (
+        F.min("ts").alias("ts_min"),
+        F.max("ts").alias("ts_max"),
+        (F.count(F.lit(1)) - F.count("ts")).alias("ts_missing"),
+        F.min("value").alias("v_min"),
+        F.max("value").alias("v_max"),
+        F.avg("value").alias("v_mean"),
+    )
+
+
+_SPARK_TYPES = {
+    pa.int32(): "INT",
+    pa.int64(): "BIGINT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+    pa.string(): "STRING",
+}
+
+
+def _write_ordered(
+    df: DataFrame,
+    staging: HadoopPath,
+    schema: pa.Schema,
+    *,
+    rows_per_group: int,
+    rows_per_file: int,
+    partition_by: str | None = None,
+) -> None:
+    """``df`` as Parquet files under ``staging`` in the dataset's schema, row groups and sizes.
+
+    Each task writes its rows in order, in files of ``rows_per_file`` rows with row groups of
+    ``rows_per_group`` (zstd); the files' names sort in task order. Columns the schema declares
+    non-null never hold NULL here (inner joins to the id maps; the rules reject a missing value),
+    and a ``coalesce`` with a constant lets Spark write them as required, as the schema says.
+    """
+    F = _spark().functions
+    cols = []
+    for field in schema:
+        c = F.col(field.name).cast(_SPARK_TYPES[field.type])
+        if not field.nullable:
+            zero = "" if pa.types.is_string(field.type) else 0
+            c = F.coalesce(c, F.lit(zero).cast(_SPARK_TYPES[field.type]))
+        cols.append(c.alias(field.name))
+    if partition_by is not None:
+        cols.append(F.col(partition_by))
+    writer = (
+        df.select(*cols)
+        .write.mode("overwrite")
+        .option("compression", "zstd")
+        .option("parquet.block.row.count.limit", str(rows_per_group))
+        # row groups are cut by rows, never by bytes
+        .option("parquet.block.size", str(1 << 40))
+        .option("maxRecordsPerFile", str(rows_per_file))
+    )
+    if partition_by is not None:
+        writer = writer.partitionBy(partition_by)
+    writer.parquet(str(staging))
+
+
+def _adopt_parts(
+    spark: SparkSession, staging: HadoopPath, directory: HadoopPath, schema: pa.Schema
+) -> int:
+    """Move the files Spark wrote under ``staging`` to ``directory/part-00000.parquet``, ... in
+    order; returns their rows. A part with no rows still gets one (empty) file."""
+    files = staging.fs
+    found = sorted(staging.glob("part-*.parquet")) if staging.is_dir() else []
+    directory.mkdir(parents=True, exist_ok=True)
+    if not found:
+        with tempfile.TemporaryDirectory(prefix="recscale-empty-") as tmp:
+            empty = Path(tmp) / "part-00000.parquet"
+            pq.write_table(schema.empty_table(), empty, compression="zstd")
+            files.copy_from_local(empty, directory / "part-00000.parquet")
+        return 0
+    n = spark.read.parquet(*map(str, found)).count()
+    for i, f in enumerate(found):
+        files.rename(f, directory / f"part-{i:05d}.parquet")
+    return int(n)
 
 
 def run_spark(
     plan: Plan,
     config: IngestConfig,
-    out: Path,
-    workdir: Path,
+    out: HadoopPath,
+    workdir: HadoopPath,
     *,
     existing: Dataset | None,
     progress: bool,
     spark: SparkSession | None = None,
 ) -> EngineResult:
-    """Ingest ``plan`` into the (empty) directory ``out`` with Spark; see the module docstring."""
+    """Ingest ``plan`` into the (empty) directory ``out`` with Spark; see the module docstring.
+
+    ``out`` and ``workdir`` are paths of :class:`recscale.ingest.hadoop.HadoopFS` (the work
+    directory must be visible to every executor: it holds the intermediate tables).
+    """
     if existing is not None:
         raise ConfigError(
             "ingest: append is not available with engine 'spark'; append with engine 'duckdb', "
@@ -1183,7 +1333,9 @@ def spark_assign(
     """The split's rows labelled with their part (0 train, 1 valid, 2 test), as Spark computes them.
 
     Returns ``(assigned DataFrame, split.json fields, the session)``; the labels are those of the
-    DuckDB queries in :mod:`recscale.ingest.split`, row for row.
+    DuckDB queries in :mod:`recscale.ingest.split`, row for row. The rows are range-partitioned by
+    ``user_idx`` (what :func:`write_split_parts` needs): the per-user windows use that partitioning,
+    so assigning and ordering the parts take one shuffle.
     """
     from recscale.errors import SplitNotFoundError
     from recscale.ingest import split as sp
@@ -1192,7 +1344,7 @@ def spark_assign(
     sql = _spark()
     F = sql.functions
 
-    def read(directory: Path) -> DataFrame:
+    def read(directory: Any) -> DataFrame:
         files = sorted(directory.glob("part-*.parquet"))
         if not files:
             raise DatasetError(f"{directory}: no part-*.parquet files")
@@ -1203,7 +1355,7 @@ def spark_assign(
 
     def random_parts(df: DataFrame, seed: int, tf: float, vf: float) -> DataFrame:
         W = sql.Window
-        df = hashed(df, seed)
+        df = hashed(df.repartitionByRange("user_idx"), seed)
         w = W.partitionBy("user_idx").orderBy(
             "h", "item_idx", F.col("ts").asc_nulls_last(), "value"
         )
@@ -1226,7 +1378,7 @@ def spark_assign(
             k = int(config.k)
             valid_k = 2 * k if config.valid else k
             W = sql.Window
-            df = hashed(src, config.seed)
+            df = hashed(src.repartitionByRange("user_idx"), config.seed)
             w = W.partitionBy("user_idx").orderBy(
                 F.col("ts").desc_nulls_last(),
                 F.expr("CASE WHEN ts IS NULL THEN h END").desc_nulls_last(),
@@ -1278,7 +1430,11 @@ def spark_assign(
                 else ""
             )
             part = f"CASE WHEN ts >= {int(test_cutoff)} THEN {sp.TEST} {valid_clause} ELSE {sp.TRAIN} END"
-            assigned = src.withColumn("part", F.expr(part).cast("tinyint")).select(*_COLS, "part")
+            assigned = (
+                src.repartitionByRange("user_idx")
+                .withColumn("part", F.expr(part).cast("tinyint"))
+                .select(*_COLS, "part")
+            )
             test_users = assigned.filter(F.col("part") == sp.TEST).select("user_idx").distinct()
             train_users = assigned.filter(F.col("part") == sp.TRAIN).select("user_idx").distinct()
             cold = test_users.join(train_users, "user_idx", "left_anti").count()
@@ -1320,7 +1476,7 @@ def spark_assign(
             else:
                 rest = train.select(*_COLS, F.lit(sp.TRAIN).cast("tinyint").alias("part"))
                 valid_from = None
-            assigned = test.unionByName(rest)
+            assigned = test.unionByName(rest).repartitionByRange("user_idx")
             meta = {
                 "has_valid": config.valid,
                 "source": "splits/given",
@@ -1367,9 +1523,14 @@ def _quantile_disc(df: DataFrame, col: str, q: float, n: int) -> int:
 
 
 def write_split_parts(
-    assigned: DataFrame, parts: Sequence[int], out: Path, workdir: Path
+    assigned: DataFrame, parts: Sequence[int], out: HadoopPath, workdir: HadoopPath
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """Each part of ``assigned`` in the split's one output order; (rows, users) per part name."""
+    """Each part of ``assigned`` in the split's one output order; (rows, users) per part name.
+
+    ``assigned`` is range-partitioned by ``user_idx`` (as :func:`spark_assign` returns it), so
+    sorting each task's rows by (part, user_idx, ts, item_idx, value) puts every part in its
+    global order across the tasks' files; one write makes all parts (a folder each).
+    """
     from recscale.ingest import split as sp
 
     F = _spark().functions
@@ -1377,25 +1538,27 @@ def write_split_parts(
     counts = {"train": 0, "valid": 0, "test": 0}
     with _settings(spark):
         staged = workdir / "assigned"
-        assigned.write.mode("overwrite").parquet(str(staged))
-        assigned = spark.read.parquet(str(staged))
-        for part in parts:
-            rows = assigned.filter(F.col("part") == part).orderBy(
-                "user_idx", F.col("ts").asc_nulls_first(), "item_idx", "value"
-            )
-            tmp = workdir / f"part-{part}"
-            rows.select(*_COLS).write.mode("overwrite").parquet(str(tmp))
-            files = sorted(tmp.glob("part-*.parquet"))
-
-            def batches(files: list[Path] = files) -> Iterator[pa.RecordBatch]:
-                for f in files:
-                    yield from pq.ParquetFile(f).iter_batches(batch_size=1 << 20)
-
-            counts[sp._PART_NAMES[part]] = write_parquet_parts(
-                batches(), out / sp._PART_NAMES[part], INTERACTIONS_SCHEMA
-            )
+        ordered = assigned.sortWithinPartitions(
+            "part", "user_idx", F.col("ts").asc_nulls_first(), "item_idx", "value"
+        )
+        _write_ordered(
+            ordered,
+            staged,
+            INTERACTIONS_SCHEMA,
+            rows_per_group=ROWS_PER_GROUP,
+            rows_per_file=4 * ROWS_PER_GROUP,
+            partition_by="part",
+        )
         users = {
-            sp._PART_NAMES[int(r["part"])]: int(r["n"])
-            for r in assigned.groupBy("part").agg(F.countDistinct("user_idx").alias("n")).collect()
+            int(r["part"]): int(r["n"])
+            for r in spark.read.parquet(str(staged))
+            .groupBy("part")
+            .agg(F.countDistinct("user_idx").alias("n"))
+            .collect()
         }
-    return counts, {sp._PART_NAMES[p]: users.get(sp._PART_NAMES[p], 0) for p in parts}
+        for part in parts:
+            name = sp._PART_NAMES[part]
+            counts[name] = _adopt_parts(
+                spark, staged / f"part={part}", out / name, INTERACTIONS_SCHEMA
+            )
+    return counts, {sp._PART_NAMES[p]: users.get(p, 0) for p in parts}

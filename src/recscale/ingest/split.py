@@ -37,7 +37,6 @@ import dataclasses
 import json
 import logging
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from recscale.dataset import (
     write_parquet_parts,
 )
 from recscale.errors import ConfigError, DatasetError, SplitNotFoundError
+from recscale.ingest.files import LOCAL_FILES, Files, refuse_uris
 
 __all__ = ["make_split"]
 
@@ -84,7 +84,9 @@ def make_split(
     ``config.valid`` is false (``counts.valid`` is then 0).
 
     ``engine="spark"`` computes the same parts with Spark (``spark``: a SparkSession, else the
-    active one or a new local one); the files are identical to DuckDB's.
+    active one or a new local one); the parts hold the same rows as DuckDB's. It reads and writes
+    through the session's Hadoop filesystems, so ``dataset`` may be a URI (``hdfs://``,
+    ``s3a://``, ``file://``, ...), and the returned split's paths are Hadoop paths.
     """
     if engine not in ENGINES:
         raise ConfigError(
@@ -98,7 +100,20 @@ def make_split(
         )
     if not -(2**63) <= config.seed < 2**63:
         raise ConfigError(f"split: seed must fit in 64 bits, got {config.seed!r}")
-    ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
+    files: Files = LOCAL_FILES
+    if engine == "spark":
+        from recscale.ingest.hadoop import HadoopFS
+        from recscale.ingest.spark_engine import _spark, spark_session
+
+        _spark()
+        spark = spark if spark is not None else spark_session()
+        files = HadoopFS(spark)
+        where = dataset.path if isinstance(dataset, Dataset) else dataset
+        ds = open_dataset(files.path(str(where)))
+    else:
+        if not isinstance(dataset, Dataset):
+            refuse_uris("split", [str(dataset)])
+        ds = dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
     name = config.name if config.name is not None else config.strategy
     if config.name is None:
         log.info("split: no name given, so the split is named after its strategy: %r", name)
@@ -111,12 +126,15 @@ def make_split(
 
     splits_root = ds.path / "splits"
     splits_root.mkdir(exist_ok=True)
-    # DuckDB spills beside the dataset: the disk that holds the data has room for its sort runs
-    with tempfile.TemporaryDirectory(prefix=".split-spill-", dir=splits_root) as spill:
+    # the engine spills beside the dataset: the disk that holds the data has room for its sorts
+    spill = files.make_temp_dir(splits_root, ".split-spill-")
+    try:
         if engine == "spark":
-            counts = _split_spark(ds, resolved, splits_root / name, Path(spill), spark)
+            counts = _split_spark(ds, resolved, splits_root / name, spill, spark, files)
         else:
-            counts = _split_duckdb(ds, resolved, splits_root / name, Path(spill))
+            counts = _split_duckdb(ds, resolved, splits_root / name, spill)
+    finally:
+        files.remove_tree(spill)
     log.info(
         "split %r of %s: train %d, valid %d, test %d",
         name,
@@ -144,11 +162,11 @@ def _split_json(
 
 
 def _split_spark(
-    ds: Dataset, cfg: SplitConfig, target: Path, spill: Path, spark: Any
+    ds: Dataset, cfg: SplitConfig, target: Any, spill: Any, spark: Any, files: Files
 ) -> dict[str, int]:
     from recscale.ingest.spark_engine import spark_assign, write_split_parts
 
-    with atomic_directory(target) as out:
+    with files.atomic_directory(target) as out:
         assigned, meta, _ = spark_assign(ds, cfg, spark)
         parts = (TRAIN, VALID, TEST) if meta.pop("has_valid") else (TRAIN, TEST)
         counts, users = write_split_parts(assigned, parts, out, spill)
