@@ -19,7 +19,7 @@ from recscale.errors import (
     SchemaError,
     SourceNotFoundError,
 )
-from recscale.ingest import ingest
+from recscale.ingest import ingest, make_split
 
 
 def tree_digest(path: Path) -> str:
@@ -205,3 +205,22 @@ def test_progress_goes_to_stderr_only_when_asked(
     assert lines[-1].startswith(
         f"ingest: wrote {tmp_path / 'loud'}: 2 interactions, 2 users, 1 items"
     )
+
+
+def test_duckdb_refuses_uris_and_names_the_engine_to_use(tmp_path: Path) -> None:
+    src = csv(tmp_path / "a.csv")
+    hint = (
+        r"engine 'duckdb' reads and writes local paths only; use engine 'spark' \(--engine "
+        r"spark\) for hdfs://, s3a://, file:// and other Hadoop filesystem URIs$"
+    )
+    with pytest.raises(ConfigError, match=r"^ingest: 'hdfs://nn/logs/a\.csv' is a URI; " + hint):
+        ingest(["hdfs://nn/logs/a.csv"], tmp_path / "ds", progress=False)
+    with pytest.raises(ConfigError, match=r"^ingest: 's3a://bucket/ds' is a URI; " + hint):
+        ingest([src], "s3a://bucket/ds", progress=False)
+    with pytest.raises(ConfigError, match=r"^ingest: 'file:///t\.csv' is a URI; " + hint):
+        ingest([src], tmp_path / "ds", IngestConfig(items_file="file:///t.csv"), progress=False)
+    with pytest.raises(ConfigError, match=r"^split: 'hdfs://nn/ds' is a URI; " + hint):
+        make_split("hdfs://nn/ds")
+    # a colon without a slash after it is part of a file name
+    ingest([csv(tmp_path / "log:2024.csv")], tmp_path / "ds", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "ds", "log:2024.csv"]
