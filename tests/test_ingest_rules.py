@@ -344,6 +344,36 @@ def test_rules_render_for_every_reason() -> None:
     assert rules.render("{time_expected}", {"time_expected": "it's"}) == "it''s"
 
 
+@pytest.mark.parametrize(
+    ("text", "ts"),
+    [
+        ("100", 100),
+        (" 100 ", 100),
+        ("-5", -5),
+        ("1e3", 1000),
+        ("1614834367.9", 1614834367),
+        ("-1.e-5", -1),  # a '-' but a number: not taken for a date
+        ("12.e-5", 0),
+        ("2020-01-02", 1577923200),
+        ("2020-01-02T03:04:05Z", 1577934245),
+        (" 2021-03-04 05:06:07.5 ", 1614834367),
+        ("2020-01-02T03:04:05+01:00", 1577930645),
+        ("2020-13-45", None),  # the shape of a date, not a date
+        ("2020-01-02x", None),
+        ("yesterday", None),
+        ("1_000", None),  # DuckDB's cast reads it; the rule does not
+        ("", None),
+    ],
+)
+def test_time_text_is_integer_decimal_or_iso_seconds(text: str, ts: int | None) -> None:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    query = f"SELECT {rules.TIME_SQL} FROM (SELECT ?::VARCHAR AS time_text)"
+    assert con.execute(query, [text]).fetchall() == [(ts,)]
+
+
 @pytest.mark.parametrize("dedupe", ["keep-first", "keep-last", "sum", "count", "none"])
 def test_conservation_holds_for_every_policy(tmp_path: Path, dedupe: str) -> None:
     src = tmp_path / "dirty.csv"

@@ -191,15 +191,18 @@ VALUE_SQL = (
 
 #: Parsing of the time field (``{time_format}`` set: only that strptime format is accepted):
 #: integer unix seconds, then decimal seconds (floored), then ISO-8601 (floored to the second).
+#: The three shapes are disjoint (an ISO date has a '-' after four digits, which neither an
+#: integer nor NUMBER_RE allows), so ISO is tried first, behind a test for '-': an ISO text then
+#: skips the integer test, whose failed cast cost DuckDB more than both regular expressions.
 TIME_SQL = (
     "CASE WHEN time_text IS NULL THEN NULL"
+    f" WHEN contains(time_text, '-') AND regexp_full_match(trim(time_text), '{ISO_RE}')"
+    " THEN CAST(floor(epoch(TRY_CAST(trim(time_text) AS TIMESTAMPTZ))) AS BIGINT)"
     " WHEN CAST(TRY_CAST(trim(time_text) AS BIGINT) AS VARCHAR) = trim(time_text)"
     " THEN TRY_CAST(trim(time_text) AS BIGINT)"
     f" WHEN regexp_full_match(trim(time_text), '{NUMBER_RE}')"
     " THEN CASE WHEN abs(TRY_CAST(trim(time_text) AS DOUBLE)) < 9.0e18"
-    " THEN CAST(floor(TRY_CAST(trim(time_text) AS DOUBLE)) AS BIGINT) END"
-    f" WHEN regexp_full_match(trim(time_text), '{ISO_RE}')"
-    " THEN CAST(floor(epoch(TRY_CAST(trim(time_text) AS TIMESTAMPTZ))) AS BIGINT) END"
+    " THEN CAST(floor(TRY_CAST(trim(time_text) AS DOUBLE)) AS BIGINT) END END"
 )
 TIME_FORMAT_SQL = "CAST(floor(epoch(try_strptime(trim(time_text), {time_format}))) AS BIGINT)"
 
