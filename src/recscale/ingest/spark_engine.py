@@ -352,11 +352,8 @@ class SparkIngest:
         of the partitions before it plus its place in its own, so no single task sees all rows.
         """
         F = self.F
-        # the sort samples its input before it shuffles it: from a saved table, not by running
-        # the plan (a distinct over every row) twice
         tagged = self.save(
-            self.save(df, f"{name}-rows")
-            .orderBy(*order)
+            df.orderBy(*order)
             .withColumn("_p", F.spark_partition_id())
             .withColumn("_k", F.monotonically_increasing_id()),
             name,
