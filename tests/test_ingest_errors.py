@@ -215,6 +215,8 @@ def test_duckdb_refuses_uris_and_names_the_engine_to_use(tmp_path: Path) -> None
     )
     with pytest.raises(ConfigError, match=r"^ingest: 'hdfs://nn/logs/a\.csv' is a URI; " + hint):
         ingest(["hdfs://nn/logs/a.csv"], tmp_path / "ds", progress=False)
+    with pytest.raises(ConfigError, match=r"^ingest: 'hdfs://nn/a\.csv' is a URI; " + hint):
+        ingest("hdfs://nn/a.csv", tmp_path / "ds", progress=False)  # one source, not a list
     with pytest.raises(ConfigError, match=r"^ingest: 's3a://bucket/ds' is a URI; " + hint):
         ingest([src], "s3a://bucket/ds", progress=False)
     with pytest.raises(ConfigError, match=r"^ingest: 'file:///t\.csv' is a URI; " + hint):

@@ -97,6 +97,8 @@ def ingest(
             + ", ".join(repr(e) for e in ENGINES)
         )
     start = time.perf_counter()
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
     files: Files = LOCAL_FILES
     if engine == "spark":
         from recscale.ingest.hadoop import HadoopFS
