@@ -32,16 +32,6 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow]
 ENGINES = ("duckdb", "spark")
 
 
-@pytest.fixture(scope="module")
-def spark():
-    from recscale.ingest.spark_engine import spark_session
-
-    session = spark_session("local[2]", shuffle_partitions=2)
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
 def both(tmp_path: Path, sources: list[Path], spark, name: str = "ds", **config: object):
     """Ingest ``sources`` with each engine; returns {engine: IngestResult}."""
     return {

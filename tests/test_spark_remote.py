@@ -24,16 +24,6 @@ from recscale.testing import assert_dataset_equal
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def spark():
-    from recscale.ingest.spark_engine import spark_session
-
-    session = spark_session("local[2]", shuffle_partitions=2)
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
 def uri(path: Path) -> str:
     return path.resolve().as_uri()  # file:///...
 
