@@ -193,7 +193,7 @@ class ParquetStream(IterableDataset):
     a resumed epoch continues in the order an uninterrupted one would).
 
     It yields *chunks* of ``per_chunk`` consecutive batches as one dict of int32 tensors
-    (``users``, ``pos``, ``neg``), which :class:`StreamLoader` cuts back into batches and widens
+    (``users``, ``pos``, ``neg``) and the ``reader`` that made them, which :class:`StreamLoader` cuts back into batches and widens
     to int64: a DataLoader pays a fixed cost per object it passes from a worker (about 2 ms here,
     whatever its size), so one object per batch would cap a worker at a few hundred batches per
     second, and int32 halves the bytes that go through shared memory.
