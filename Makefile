@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 export RECSCALE_DATA ?= $(abspath ../shared/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-loader bench-scale bench-quality bench-time clean
+.PHONY: help install browser demo test test-fast lint format bench bench-loader bench-scale bench-quality bench-time clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,7 +25,13 @@ install: $(STAMP) ## create .venv and install recscale with its dev tools
 demo: $(STAMP) ## run the whole pipeline on a synthetic viewing log (about 2 minutes)
 	$(BIN)/recscale demo --out demo-out
 
-test: $(STAMP) ## run the whole test suite (slow tests included, as CI does)
+browser: ## headless Chromium and its driver, for the web page's tests (Debian packages)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver; }
+
+test: $(STAMP) browser ## run the whole test suite (slow tests included, as CI does)
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 test-fast: $(STAMP) ## run the tests not marked slow

@@ -262,6 +262,73 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_param(text: str) -> tuple[str, int]:
+    key, _, value = text.partition("=")
+    try:
+        return key.strip().replace("-", "_"), int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=INTEGER (e.g. m=32, nlist=256), got {text!r}"
+        ) from None
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from recscale.index import export_index
+
+    index = export_index(
+        args.run,
+        args.index,
+        kind=args.kind,
+        params=dict(args.param or []),
+        collection=args.collection,
+        token=args.token or os.environ.get("MILVUS_TOKEN"),
+    )
+    info = index.info
+    index.close()
+    params = ", ".join(f"{k}={v}" for k, v in info.params.items())
+    print(
+        f"wrote {info.backend} {info.kind} index{f' ({params})' if params else ''} of "
+        f"{info.n_items:,} items and {info.n_users:,} users ({info.dim} dims, "
+        f"{info.similarity}) to {args.index}"
+    )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from recscale.service import ServedModel, ServiceSettings, create_app
+
+    settings = ServiceSettings.from_env(
+        run=args.run,
+        index=args.index,
+        api_key=args.api_key,
+        unknown_user=args.unknown_user,
+        max_k=args.max_k,
+        max_history=args.max_history,
+        collection=args.collection,
+        milvus_token=args.token or os.environ.get("MILVUS_TOKEN"),
+    )
+    # loaded before the server starts, so a bad run or index is an error here, not a 503 later
+    served = ServedModel.load(
+        settings.run, settings.index, collection=settings.collection, token=settings.milvus_token
+    )
+    print(
+        f"serving {served.version} ({served.model}, {served.index.info.backend} "
+        f"{served.index.info.kind}) on http://{args.host}:{args.port} "
+        f"(API key {'required' if settings.api_key else 'off'}; docs at /docs)",
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(settings, served),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from recscale.demo import DemoConfig, run_demo
 
@@ -391,6 +458,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_recommend)
+
+    p = sub.add_parser(
+        "export", help="a run's vectors -> vector index (Milvus Lite, Milvus, FAISS)"
+    )
+    p.add_argument("--run", required=True, help="run directory (with embeddings/)")
+    p.add_argument(
+        "--index",
+        required=True,
+        metavar="PATH_OR_URI",
+        help="a .db file (Milvus Lite), http://host:port (Milvus), or a directory (FAISS)",
+    )
+    p.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default="flat", help="flat is exact")
+    p.add_argument(
+        "--param",
+        action="append",
+        type=_index_param,
+        metavar="NAME=N",
+        help="hnsw: m, ef_construction, ef_search; ivf: nlist, nprobe (repeatable)",
+    )
+    p.add_argument("--collection", help="Milvus collection prefix (default: recscale)")
+    p.add_argument("--token", help="Milvus token (default: $MILVUS_TOKEN)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="an HTTP service of a run's recommendations (FastAPI)")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument(
+        "--index",
+        metavar="PATH_OR_URI",
+        help="its index from `recscale export` (default: an exact FAISS index in memory)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="required in X-API-Key (default: $RECSCALE_API_KEY)")
+    p.add_argument(
+        "--unknown-user",
+        choices=["popular", "404"],
+        default="popular",
+        help="answer an unknown user with popular items (flagged) or 404",
+    )
+    p.add_argument("--max-k", type=_positive_int, default=100)
+    p.add_argument("--max-history", type=_positive_int, default=1000)
+    p.add_argument("--collection", help="Milvus collection prefix (default: recscale)")
+    p.add_argument("--token", help="Milvus token (default: $MILVUS_TOKEN)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic viewing log")
     p.add_argument("--out", default="demo-out", help="where raw files, dataset and runs go")

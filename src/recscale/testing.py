@@ -7,9 +7,13 @@ directory, split included, through the dataset module's own writers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Mapping
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,13 @@ from recscale.dataset import (
     write_parquet_parts,
 )
 
-__all__ = ["assert_dataset_equal", "block_log", "interactions", "write_tiny_dataset"]
+__all__ = [
+    "assert_dataset_equal",
+    "block_log",
+    "interactions",
+    "serve_in_thread",
+    "write_tiny_dataset",
+]
 
 # what may differ between two ingests of the same sources: when and how fast, and by which engine
 _RUN_KEYS = {"seconds", "rows_per_second", "created_at", "created_by"}
@@ -214,3 +224,33 @@ def assert_dataset_equal(
             _same(f"split {name!r} has {part}", sa.has(part), sb.has(part))
             if sa.has(part):
                 _table(f"split {name!r} {part}", sa.table(part), sb.table(part))
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, timeout: float = 30.0) -> Iterator[str]:
+    """Run an ASGI ``app`` under a real uvicorn server on a free loopback port, in a thread.
+
+    Yields its base URL (``http://127.0.0.1:PORT``) once the server accepts connections, and
+    stops it (waiting for in-flight requests) when the block ends.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

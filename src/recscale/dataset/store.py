@@ -226,6 +226,10 @@ class Dataset:
             )
         )
 
+    def user_id_map(self) -> dict[str, int]:
+        """Original user id -> dense index, for every user (built once, then shared)."""
+        return self._user_index
+
     def user_index(self, user_id: str | int) -> int:
         """The dense index of an original user id; an unknown id is an :class:`UnknownIdError`."""
         try:

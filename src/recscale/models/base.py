@@ -97,6 +97,15 @@ class Recommender(abc.ABC):
         Higher is better; scores of one user are comparable with each other only.
         """
 
+    @property
+    def similarity(self) -> str:
+        """How the model scores a user and an item from their vectors: ``"dot"`` or ``"cosine"``.
+
+        A cosine model exports unit vectors (so their inner products are still its scores); a
+        vector index that sees the name can use its own cosine metric and stay consistent.
+        """
+        return "dot"
+
     def export_embeddings(self) -> tuple[np.ndarray, np.ndarray] | None:
         """``(user_vectors, item_vectors)`` whose inner products are the scores, or ``None``.
 

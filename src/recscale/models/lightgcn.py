@@ -266,6 +266,10 @@ class LightGCN(TorchRecommender):
     def _cosine(self) -> bool:
         return self.params.loss in ("softmax", "ccl")
 
+    @property
+    def similarity(self) -> str:
+        return "cosine" if self._cosine else "dot"
+
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self._final = None  # the parameters are about to change
         if self.params.negative_sampler != "uniform":

@@ -157,7 +157,9 @@ def write_embeddings(directory: str | Path, model: Recommender) -> bool:
     """``users.parquet`` and ``items.parquet`` (idx int32, vector fixed_size_list<float32>).
 
     Written only for models whose scores are inner products of the vectors; returns whether it
-    wrote them. The directory is replaced as a whole, so readers never see half of it.
+    wrote them. Each file's schema metadata names the model (``recscale.model``) and how it
+    compares vectors (``recscale.similarity``: dot or cosine). The directory is replaced as a
+    whole, so readers never see half of it.
     """
     vectors = model.export_embeddings()
     if vectors is None:
@@ -172,6 +174,8 @@ def write_embeddings(directory: str | Path, model: Recommender) -> bool:
                         pa.array(matrix.reshape(-1)), matrix.shape[1]
                     ),
                 }
+            ).replace_schema_metadata(
+                {"recscale.model": model.name, "recscale.similarity": model.similarity}
             )
             pq.write_table(table, tmp / f"{name}.parquet")
     return True
