@@ -15,7 +15,6 @@ one and swaps them in one step: requests in flight finish on the model they star
 failed load leaves the old model serving. ``SIGHUP`` reloads the same run and index.
 """
 
-
 import asyncio
 import contextlib
 import hmac
