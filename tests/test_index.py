@@ -136,7 +136,12 @@ def test_approximate_indexes_find_most_of_the_exact_top_k(
     with export_index(bpr_run, target, kind=kind, params=params) as index:
         assert index.info.kind == kind and not index.info.exact
         assert {k: index.info.params[k] for k in params} == params
-        _, found = index.search(queries, K)
+        scores, found = index.search(queries, K)
+        # whatever the index computes inside, the scores it returns are the inner products
+        vectors = index.item_vectors(found.reshape(-1)).reshape(len(users), K, -1)
+        np.testing.assert_allclose(
+            scores, np.einsum("ud,ukd->uk", queries, vectors), rtol=1e-4, atol=1e-4
+        )
     recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(found, truth, strict=True)])
     assert recall >= 0.9, recall
 

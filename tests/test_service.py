@@ -308,7 +308,8 @@ def test_a_milvus_lite_index_serves_the_same_answers(ials_run: Path, tmp_path: P
     target = tmp_path / "items.db"
     export_index(ials_run, target).close()
     settings = ServiceSettings(run=str(ials_run), index=str(target))
-    with serve_in_thread(create_app(settings)) as url:
+    served = ServedModel.load(ials_run, str(target))  # loaded first, as `recscale serve` does
+    with serve_in_thread(create_app(settings, served)) as url:
         assert _wait_ready(url)["index"] == "milvus/flat"
         milvus = httpx.get(f"{url}/v1/users/u9/recommendations?k=5").json()
         history = httpx.post(

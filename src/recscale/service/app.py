@@ -60,6 +60,7 @@ def create_app(settings: ServiceSettings, served: ServedModel | None = None) -> 
     Loading at start-up happens in the background: ``/healthz`` answers at once, ``/readyz`` and
     the API answer 503 until the model is in.
     """
+    _one_thread_per_search()
     holder = ModelHolder(served)
     metrics = ServiceMetrics()
     sources = {"run": settings.run, "index": settings.index}
@@ -70,9 +71,13 @@ def create_app(settings: ServiceSettings, served: ServedModel | None = None) -> 
             run, index, collection=settings.collection, token=settings.milvus_token
         )
 
+    def announce(served: ServedModel) -> None:
+        info = served.index.info
+        metrics.serving(served.version, served.model, f"{info.backend}/{info.kind}")
+
     def publish(new: ServedModel) -> str | None:
         old = holder.swap(new)
-        metrics.serving(new.version, new.model, f"{new.index.info.backend}/{new.index.info.kind}")
+        announce(new)
         return None if old is None else old.version
 
     def reload(run: str | None = None, index: str | None = None) -> ReloadResult:
@@ -108,10 +113,9 @@ def create_app(settings: ServiceSettings, served: ServedModel | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if holder.ready:
-            current = holder.current()
-            assert current is not None
-            publish(current)
+        current = holder.current()
+        if current is not None:
+            announce(current)
         else:
             threading.Thread(target=initial_load, name="recscale-load", daemon=True).start()
         loop = asyncio.get_running_loop()
@@ -159,7 +163,8 @@ def create_app(settings: ServiceSettings, served: ServedModel | None = None) -> 
 
     # ---- who may call
 
-    def require_key(x_api_key: str | None = Header(None, description="the API key")) -> None:
+    # async: FastAPI would run a plain function in its thread pool, a thread hop per request
+    async def require_key(x_api_key: str | None = Header(None, description="the API key")) -> None:
         if settings.api_key is None:
             return
         given = (x_api_key or "").encode()
@@ -170,10 +175,10 @@ def create_app(settings: ServiceSettings, served: ServedModel | None = None) -> 
                 headers={"WWW-Authenticate": "ApiKey"},
             )
 
-    def require_admin(x_api_key: str | None = Header(None)) -> None:
+    async def require_admin(x_api_key: str | None = Header(None)) -> None:
         if settings.api_key is None:
             raise HTTPException(403, "the admin API is off: start the service with an API key")
-        require_key(x_api_key)
+        await require_key(x_api_key)
 
     # ---- the API
 
@@ -332,6 +337,14 @@ class _Wrap:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self._app(scope, receive, send)
+
+
+def _one_thread_per_search() -> None:
+    """Requests are the parallelism: FAISS's OpenMP threads on one query only contend."""
+    with contextlib.suppress(ImportError):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
 
 
 def _items(served: ServedModel, scores: np.ndarray, items: np.ndarray) -> list[dict[str, Any]]:

@@ -63,6 +63,8 @@ class ServedModel:
     seen: sp.csr_matrix  # users × items: the train and valid parts
     popularity: np.ndarray  # interactions per item in the train part
     popular: np.ndarray  # item indices, most interacted-with first
+    user_vectors: np.ndarray  # the run's vectors, kept in memory: a look-up is no round trip
+    item_vectors: np.ndarray
     gram: np.ndarray  # item vectors' Gramian, for fold-in
     fold_in_params: dict[str, float]
     loaded_at: float
@@ -134,6 +136,8 @@ class ServedModel:
                 seen=seen,
                 popularity=counts.astype(np.float32),
                 popular=popular,
+                user_vectors=embeddings.users,
+                item_vectors=embeddings.items,
                 gram=embeddings.items.T.astype(np.float64) @ embeddings.items.astype(np.float64),
                 fold_in_params=_fold_in_params(model_name, model_params, embeddings.items),
                 loaded_at=time.time(),
@@ -159,7 +163,7 @@ class ServedModel:
         return self.seen.indices[self.seen.indptr[user] : self.seen.indptr[user + 1]]
 
     def for_user(self, user: int, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
-        query = self.index.user_vectors(np.array([user]))
+        query = self.user_vectors[user : user + 1]
         exclude = [self.user_history(user)] if exclude_seen else None
         scores, items = self.index.search(query, k, exclude)
         return _valid(scores[0], items[0])
@@ -171,7 +175,7 @@ class ServedModel:
             query = self._encode(history)
         else:
             p = self.fold_in_params
-            vectors = self.index.item_vectors(np.unique(history)).astype(np.float64)
+            vectors = self.item_vectors[np.unique(history)].astype(np.float64)
             query = fold_in(
                 self.gram, vectors, alpha=p["alpha"], regularization=p["regularization"]
             )
@@ -180,7 +184,7 @@ class ServedModel:
         return _valid(scores[0], items[0])
 
     def similar(self, item: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        query = self.index.item_vectors(np.array([item]))
+        query = self.item_vectors[item : item + 1]
         scores, items = self.index.search(query, k, [np.array([item])])
         return _valid(scores[0], items[0])
 
@@ -278,7 +282,7 @@ class ModelHolder:
     def swap(self, served: ServedModel) -> ServedModel | None:
         with self._lock:
             old, self._served = self._served, served
-        if old is not None:
+        if old is not None and old is not served:
             old.retire()
         return old
 
