@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 export RECSCALE_DATA ?= $(abspath ../shared/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser demo test test-fast lint format bench bench-loader bench-scale bench-quality bench-time clean
+.PHONY: help install browser demo test test-fast lint format bench bench-loader bench-index bench-serve bench-scale bench-quality bench-time clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -50,6 +50,14 @@ bench: $(STAMP) ## ingest benchmark: recscale (DuckDB, Spark local[2]) vs pandas
 
 bench-loader: $(STAMP) ## streaming loader vs plain DataLoader and the raw Parquet read, 10M rows, 0/1/2 workers
 	$(BIN)/python bench/loader.py --rows 10000000
+
+bench-index: $(STAMP) ## ANN recall and latency of FAISS and Milvus Lite settings on Gowalla
+	$(BIN)/python bench/index.py --users 2000
+
+bench-serve: $(STAMP) ## load test of recscale serve (wrk) at concurrency 1, 16, 64: FAISS and Milvus Lite
+	@command -v wrk >/dev/null || { sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get install -y -qq wrk; }
+	$(BIN)/python bench/serve.py --requests 20000
 
 bench-scale: $(STAMP) ## ingest, split, one MF-BPR epoch, evaluation at 1M, 10M and 100M interactions (about 25 min)
 	$(BIN)/python bench/scale.py --sizes 1000000 10000000 100000000
