@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from recscale.index.base import KINDS, IndexInfo, VectorIndex, backend_of, resolve_params
+from recscale.index.base import KINDS, IndexInfo, VectorIndex, backend_of
 from recscale.index.embeddings import Embeddings, read_embeddings
 
 __all__ = [
@@ -40,18 +40,7 @@ def export_index(
     """
     embeddings = read_embeddings(run_dir)
     backend = backend_of(str(target))
-    info = IndexInfo(
-        backend=backend,
-        kind=kind,
-        params=resolve_params(kind, params, len(embeddings.items)),
-        similarity=embeddings.similarity,
-        dim=embeddings.dim,
-        n_users=len(embeddings.users),
-        n_items=len(embeddings.items),
-        model=embeddings.model,
-        version=embeddings.version,
-        run=str(Path(run_dir).resolve()),
-    )
+    info = IndexInfo.of(embeddings, run_dir, backend=backend, kind=kind, params=params)
     if backend == "milvus":
         from recscale.index.milvus_store import DEFAULT_COLLECTION, write_milvus_index
 

@@ -16,11 +16,13 @@ import abc
 import dataclasses
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from recscale.errors import ConfigError
+from recscale.index.embeddings import Embeddings
 
 __all__ = [
     "FORMAT",
@@ -92,6 +94,30 @@ class IndexInfo:
     version: str  # digest of the exported vectors
     run: str  # the run directory it was exported from
 
+    @classmethod
+    def of(
+        cls,
+        embeddings: Embeddings,
+        run_dir: str | Path,
+        *,
+        backend: str,
+        kind: str,
+        params: dict[str, Any] | None = None,
+    ) -> IndexInfo:
+        """The description of an index of ``embeddings`` (exported from ``run_dir``)."""
+        return cls(
+            backend=backend,
+            kind=kind,
+            params=resolve_params(kind, params, len(embeddings.items)),
+            similarity=embeddings.similarity,
+            dim=embeddings.dim,
+            n_users=len(embeddings.users),
+            n_items=len(embeddings.items),
+            model=embeddings.model,
+            version=embeddings.version,
+            run=str(Path(run_dir).resolve()),
+        )
+
     @property
     def exact(self) -> bool:
         return self.kind == "flat"
@@ -127,7 +153,6 @@ class VectorIndex(abc.ABC):
 
     info: IndexInfo
 
-    @abc.abstractmethod
     def search(
         self,
         queries: np.ndarray,
@@ -140,6 +165,17 @@ class VectorIndex(abc.ABC):
         than ``k`` items are left. ``exclude[i]`` lists items query ``i`` must not get (a user's
         history); the index filters them while it searches, so ``k`` results still come back.
         """
+        queries = self._check_queries(queries)
+        k = self._check_k(k)
+        if exclude is not None and len(exclude) != len(queries):
+            raise ConfigError(f"{len(exclude)} exclusion lists for {len(queries)} queries")
+        return self._search(queries, k, exclude)
+
+    @abc.abstractmethod
+    def _search(
+        self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` for checked queries (float32 ``(n, dim)``) and ``1 <= k <= n_items``."""
 
     @abc.abstractmethod
     def user_vectors(self, users: np.ndarray) -> np.ndarray:

@@ -104,18 +104,7 @@ class FaissIndex(VectorIndex):
     @classmethod
     def in_memory(cls, embeddings: Embeddings, run_dir: str | Path) -> FaissIndex:
         """An exact index of ``embeddings`` that lives in memory only (nothing written)."""
-        info = IndexInfo(
-            backend="faiss",
-            kind="flat",
-            params={},
-            similarity=embeddings.similarity,
-            dim=embeddings.dim,
-            n_users=len(embeddings.users),
-            n_items=len(embeddings.items),
-            model=embeddings.model,
-            version=embeddings.version,
-            run=str(Path(run_dir).resolve()),
-        )
+        info = IndexInfo.of(embeddings, run_dir, backend="faiss", kind="flat")
         return cls(info, _build(embeddings, "flat", {}), embeddings.items, embeddings.users)
 
     def _search_params(self, selector: Any | None) -> Any:
@@ -127,19 +116,12 @@ class FaissIndex(VectorIndex):
             return faiss.SearchParametersIVF(sel=selector, nprobe=p["nprobe"])
         return faiss.SearchParameters(sel=selector) if selector is not None else None
 
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        exclude: Sequence[np.ndarray] | None = None,
+    def _search(
+        self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        queries = self._check_queries(queries)
-        k = self._check_k(k)
         if exclude is None:
             scores, items = self._index.search(queries, k, params=self._search_params(None))
         else:
-            if len(exclude) != len(queries):
-                raise ConfigError(f"{len(exclude)} exclusion lists for {len(queries)} queries")
             faiss = _faiss()
             scores = np.empty((len(queries), k), np.float32)
             items = np.empty((len(queries), k), np.int64)

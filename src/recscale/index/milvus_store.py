@@ -162,16 +162,9 @@ class MilvusIndex(VectorIndex):
     ) -> MilvusIndex:
         return cls(_client(uri, token), uri, collection)
 
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        exclude: Sequence[np.ndarray] | None = None,
+    def _search(
+        self, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        queries = self._check_queries(queries)
-        k = self._check_k(k)
-        if exclude is not None and len(exclude) != len(queries):
-            raise ConfigError(f"{len(exclude)} exclusion lists for {len(queries)} queries")
         scores = np.full((len(queries), k), -np.inf, np.float32)
         items = np.full((len(queries), k), -1, np.int64)
         if exclude is None or not any(len(seen) for seen in exclude):
