@@ -61,17 +61,17 @@ def cosine_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _evaluator_top(run_dir: Path, users: np.ndarray, k: int) -> np.ndarray:
     """The evaluator's ranking: model scores, train and valid items excluded, then top_k."""
-    run = Run.open(run_dir)
-    scores = run.model.score(users).float().cpu()
-    seen = run._seen
-    for row, user in enumerate(users):
-        scores[row, seen.indices[seen.indptr[user] : seen.indptr[user + 1]]] = -torch.inf
+    scores = Run.open(run_dir).model.score(users).float().cpu()
+    for row, seen in enumerate(_seen(run_dir, users)):
+        scores[row, seen] = -torch.inf
     return top_k(scores, k)[1].numpy()
 
 
 def _seen(run_dir: Path, users: np.ndarray) -> list[np.ndarray]:
-    seen = Run.open(run_dir)._seen
-    return [seen.indices[seen.indptr[u] : seen.indptr[u + 1]] for u in users]
+    """Each user's train and valid items, read from the split's parts."""
+    split = Run.open(run_dir).split
+    parts = [split.interactions(part) for part in ("train", "valid")]
+    return [np.unique(np.concatenate([p.item_idx[p.user_idx == u] for p in parts])) for u in users]
 
 
 USERS = np.arange(0, N_USERS, 5)

@@ -176,6 +176,16 @@ class Split:
     def interactions(self, part: str) -> Interactions:
         return Interactions.from_table(self.table(part), self.dataset.n_users, self.dataset.n_items)
 
+    def seen(self) -> sp.csr_matrix:
+        """users × items CSR of what each user has been shown: the train and valid parts.
+
+        What recommendations leave out; each user's items are ``indices[indptr[u]:indptr[u+1]]``.
+        """
+        seen = self.interactions("train").to_csr()
+        if self.has("valid"):
+            seen = (seen + self.interactions("valid").to_csr()).tocsr()
+        return seen
+
     def __repr__(self) -> str:
         return f"Split({str(self.dataset.path)!r}, {self.name!r})"
 

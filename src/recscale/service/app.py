@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from recscale import __version__
 from recscale.errors import RecscaleError
 from recscale.service.metrics import ServiceMetrics
 from recscale.service.schemas import (
@@ -136,7 +137,7 @@ def create_app(settings: ServiceSettings, served: ServedModel | None = None) -> 
     app = FastAPI(
         title="recscale",
         summary="Recommendations from a trained recscale run",
-        version=_version(),
+        version=__version__,
         lifespan=lifespan,
     )
     app.state.holder = holder
@@ -251,8 +252,7 @@ def create_app(settings: ServiceSettings, served: ServedModel | None = None) -> 
     @api.get("/users", response_model=UserList)
     async def users(limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
         def run(served: ServedModel) -> dict[str, Any]:
-            counts = np.diff(served.seen.indptr)
-            top = np.argsort(-counts, kind="stable")[:limit]
+            top = served.active_users[:limit]
             return {"users": [str(user) for user in served.user_ids[top]]}
 
         return await answer(run)
@@ -380,12 +380,3 @@ def _why(state: dict[str, Any]) -> str:
 
 def _page() -> str:
     return resources.files("recscale.service").joinpath("page.html").read_text(encoding="utf-8")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("recscale")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0+unknown"

@@ -63,11 +63,11 @@ class ServedModel:
     seen: sp.csr_matrix  # users × items: the train and valid parts
     popularity: np.ndarray  # interactions per item in the train part
     popular: np.ndarray  # item indices, most interacted-with first
+    active_users: np.ndarray  # user indices, longest history first (the page offers them)
     user_vectors: np.ndarray  # the run's vectors, kept in memory: a look-up is no round trip
     item_vectors: np.ndarray
     gram: np.ndarray  # item vectors' Gramian, for fold-in
     fold_in_params: dict[str, float]
-    loaded_at: float
     encoder: Any = None  # SASRec: the model itself, which encodes a history
     encoder_length: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -109,10 +109,7 @@ class ServedModel:
                     f"index {index} holds {vectors.info.n_users} users × {vectors.info.n_items} "
                     f"items; dataset {dataset_path} has {dataset.n_users} × {dataset.n_items}"
                 )
-            seen = split.interactions("train").to_csr()
-            if split.has("valid"):
-                seen = (seen + split.interactions("valid").to_csr()).tocsr()
-            seen.sum_duplicates()
+            seen = split.seen()
             counts = np.bincount(split.interactions("train").item_idx, minlength=dataset.n_items)
             popular = np.argsort(-counts, kind="stable")
             items = dataset.items
@@ -136,11 +133,11 @@ class ServedModel:
                 seen=seen,
                 popularity=counts.astype(np.float32),
                 popular=popular,
+                active_users=np.argsort(-np.diff(seen.indptr), kind="stable"),
                 user_vectors=embeddings.users,
                 item_vectors=embeddings.items,
                 gram=embeddings.items.T.astype(np.float64) @ embeddings.items.astype(np.float64),
                 fold_in_params=_fold_in_params(model_name, model_params, embeddings.items),
-                loaded_at=time.time(),
             )
             if model_name == "sasrec":
                 served.encoder, served.encoder_length = _sasrec_encoder(run_dir)
@@ -171,15 +168,16 @@ class ServedModel:
     def for_history(
         self, history: np.ndarray, k: int, exclude_seen: bool
     ) -> tuple[np.ndarray, np.ndarray]:
+        distinct = np.unique(history)
         if self.encoder is not None:
-            query = self._encode(history)
+            query = self._encode(history)  # the order matters to a sequence model
         else:
             p = self.fold_in_params
-            vectors = self.item_vectors[np.unique(history)].astype(np.float64)
+            vectors = self.item_vectors[distinct].astype(np.float64)
             query = fold_in(
                 self.gram, vectors, alpha=p["alpha"], regularization=p["regularization"]
             )
-        exclude = [np.unique(history)] if exclude_seen else None
+        exclude = [distinct] if exclude_seen else None
         scores, items = self.index.search(query[None, :], k, exclude)
         return _valid(scores[0], items[0])
 
@@ -188,13 +186,8 @@ class ServedModel:
         scores, items = self.index.search(query, k, [np.array([item])])
         return _valid(scores[0], items[0])
 
-    def popular_items(
-        self, k: int, exclude: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        candidates = self.popular
-        if exclude is not None and len(exclude):
-            candidates = candidates[~np.isin(candidates, exclude)]
-        top = candidates[:k]
+    def popular_items(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        top = self.popular[:k]
         return self.popularity[top], top
 
     def _encode(self, history: np.ndarray) -> np.ndarray:
@@ -270,10 +263,6 @@ class ModelHolder:
         self._served = served
         self._lock = threading.Lock()
         self.reload_lock = threading.Lock()  # one reload at a time
-
-    @property
-    def ready(self) -> bool:
-        return self._served is not None
 
     def acquire(self) -> ServedModel | None:
         with self._lock:

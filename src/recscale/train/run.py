@@ -299,10 +299,7 @@ class Run:
     @cached_property
     def _seen(self) -> Any:
         """users × items CSR of what each user has been shown: train and valid parts."""
-        seen = self.split.interactions("train").to_csr()
-        if self.split.has("valid"):
-            seen = (seen + self.split.interactions("valid").to_csr()).tocsr()
-        return seen
+        return self.split.seen()
 
     def recommend(self, user_id: str, k: int = 10, *, exclude_seen: bool = True) -> list[dict]:
         """The top ``k`` items for an original user id.
