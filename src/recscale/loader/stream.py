@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,7 @@ __all__ = [
 log = logging.getLogger("recscale.loader")
 
 USER, ITEM = "user_idx", "item_idx"
+BATCH_KEYS = ("users", "pos", "neg")
 # rows a DataLoader worker hands over per message (see ParquetStream)
 CHUNK_ROWS = 1 << 18
 # generator streams of one reader: window orders and batch negatives never share draws
@@ -192,11 +194,12 @@ class ParquetStream(IterableDataset):
     that hands out the next one (DataLoader worker ``i`` plays worker ``(i + rotation) % K``, so
     a resumed epoch continues in the order an uninterrupted one would).
 
-    It yields *chunks* of ``per_chunk`` consecutive batches as one dict of int32 tensors
-    (``users``, ``pos``, ``neg``) and the ``reader`` that made them, which :class:`StreamLoader` cuts back into batches and widens
-    to int64: a DataLoader pays a fixed cost per object it passes from a worker (about 2 ms here,
-    whatever its size), so one object per batch would cap a worker at a few hundred batches per
-    second, and int32 halves the bytes that go through shared memory.
+    It yields *chunks* of ``per_chunk`` consecutive batches as one dict of tensors (``users``,
+    ``pos``, ``neg``) and the ``reader`` that made them, which :class:`StreamLoader` cuts back
+    into batches: a DataLoader pays a fixed cost per object it passes from a worker (about 2 ms
+    here, whatever its size), so one object per batch would cap a worker at a few hundred
+    batches per second. In a worker they are int32, which halves the bytes that go through
+    shared memory and which :class:`StreamLoader` widens; in the main process, int64.
     """
 
     def __init__(
@@ -235,7 +238,7 @@ class ParquetStream(IterableDataset):
         self.per_chunk = per_chunk
         self.released = released
         self._files: dict[int, pq.ParquetFile] = {}
-        self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def reader_world(self) -> World:
         """The World of whoever iterates: a DataLoader worker, or the main process."""
@@ -256,15 +259,17 @@ class ParquetStream(IterableDataset):
     ) -> Iterator[dict[str, torch.Tensor]]:
         """The reader's rows from position ``skip`` on, one shuffled window at a time.
 
-        Two threads prepare window ``j + 1`` (its rows decoded; its order drawn) while this one
-        gathers window ``j`` and draws its negatives: Parquet decoding, ``randperm`` and the
-        gather each cost about as much per row, and all three release the GIL.
+        Another thread prepares window ``j + 1`` (its rows decoded, its swap positions drawn)
+        while this one shuffles window ``j`` and draws its negatives; all of it releases the GIL.
 
-        Given ``released``, the windows' output is written into two sets of buffers in turn
-        (shared memory in a DataLoader worker): fresh memory costs a page fault per 4 KiB, which
-        here costs about as much as everything else done to the rows in it. A set is rewritten
-        once the consumer has released every chunk cut from it (see :class:`StreamLoader`).
+        In the main process each window is written as int64 into a block from a
+        :class:`BlockPool`, which the batches cut from it are views of. A DataLoader worker
+        writes int32 instead, half the bytes, into two shared-memory blocks in turn, which its
+        DataLoader would otherwise allocate and copy the tensors into; a block is rewritten once
+        the consumer has released every chunk cut from it (see :class:`StreamLoader`).
         """
+        from recscale.loader.kernels import shuffle_pairs, swap_positions, uniform_draws
+
         lengths = spans[:, 2] - spans[:, 1]
         span_end = np.cumsum(lengths)
         span_start = span_end - lengths
@@ -273,8 +278,12 @@ class ParquetStream(IterableDataset):
         first, stop = skip // window, -(-total // window)
         if first >= stop:
             return
+        rows = min(window, total)
+        # one set of swap positions is drawn while the other is used
+        orders = [np.empty(max(rows - 1, 0), dtype=np.uint32) for _ in range(2)]
+        scratch = np.empty(rows, dtype=np.uint64)
 
-        def read(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def prepare(j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             lo, hi = j * window, min((j + 1) * window, total)
             users, items = [], []
             for s in np.flatnonzero((span_start < hi) & (span_end > lo)):
@@ -285,63 +294,61 @@ class ParquetStream(IterableDataset):
                 u, i = self._row_group(int(group))
                 users.append(u[begin:end])
                 items.append(i[begin:end])
-            return _join(users), _join(items)
+            order = swap_positions(
+                self._seed(world, _WINDOW_STREAM, j), orders[j % 2][: hi - lo - 1]
+            )
+            return _join(users), _join(items), order
 
-        # two orders alternate: one is being drawn while the other is used; fresh memory costs
-        # a page fault per 4 KiB, which here costs as much as drawing the order in it
-        orders = [torch.empty(min(window, total), dtype=torch.int32) for _ in range(2)]
-
-        def order(j: int) -> torch.Tensor:
-            n = min((j + 1) * window, total) - j * window
-            generator = torch.Generator()
-            generator.manual_seed(self._seed(world, _WINDOW_STREAM, j))
-            # torch's int32 randperm: a uniform shuffle at a third of NumPy's cost per row
-            out = orders[j % 2][:n]
-            return torch.randperm(n, generator=generator, dtype=torch.int32, out=out)
-
-        # a worker writes its output straight into shared memory, which its DataLoader would
-        # otherwise allocate and copy the tensors into
+        width = 2 + self.n_negatives
         worker = get_worker_info() is not None
         # a chunk longer than a window would hold views of three windows at once
-        reuse = self.released is not None and chunk_rows <= window
-        buffers: list[dict[str, torch.Tensor]] = []
-        # chunks the consumer must have released before buffer set j % 2 is rewritten
+        reuse = worker and self.released is not None and chunk_rows <= window
+        shared: list[torch.Tensor] = []
+        pool = BlockPool(width * rows, np.int64)
+        # chunks the consumer must have released before shared block j % 2 is rewritten
         done_with = [0, 0]
-        with ThreadPoolExecutor(2, thread_name_prefix="recscale-stream") as pool:
-            ahead = pool.submit(read, first), pool.submit(order, first)
+        # a thread to read ahead only where a core is left for it: with a reader per core, a
+        # second thread per reader only makes them take turns
+        threads = 1 if _cores() > self.num_workers else 0
+        with ThreadPoolExecutor(threads or 1, thread_name_prefix="recscale-stream") as ahead_pool:
+            ahead = ahead_pool.submit(prepare, first) if threads else None
             for j in range(first, stop):
-                (users, items), perm = ahead[0].result(), ahead[1].result()
-                if j + 1 < stop:
-                    ahead = pool.submit(read, j + 1), pool.submit(order, j + 1)
-                n = len(perm)
-                if reuse and len(buffers) == 2:
-                    if not self._await_release(world.worker, done_with[j % 2]):
-                        return  # the consumer has stopped
-                    out = {key: value[:n] for key, value in buffers[j % 2].items()}
+                users, items, order = ahead.result() if ahead else prepare(j)
+                if threads and j + 1 < stop:
+                    ahead = ahead_pool.submit(prepare, j + 1)
+                n = len(users)
+                if worker:
+                    if reuse and len(shared) == 2:
+                        if not self._await_release(world.worker, done_with[j % 2]):
+                            return  # the consumer has stopped
+                        block = shared[j % 2]
+                    else:
+                        block = torch.empty(width * rows, dtype=torch.int32).share_memory_()
+                        if reuse:
+                            shared.append(block)
+                    done_with[j % 2] = -(-(min((j + 1) * window, total) - skip) // chunk_rows)
                 else:
-                    out = {
-                        "users": torch.empty(n, dtype=torch.int32),
-                        "pos": torch.empty(n, dtype=torch.int32),
-                        "neg": torch.empty((n, self.n_negatives), dtype=torch.int32),
-                    }
-                    if worker:
-                        out = {key: value.share_memory_() for key, value in out.items()}
-                    if reuse:
-                        buffers.append(out)
-                done_with[j % 2] = -(-(min((j + 1) * window, total) - skip) // chunk_rows)
-                # torch gathers by an int32 index at NumPy's int64-index speed, without a cast
-                torch.index_select(users, 0, perm, out=out["users"])
-                torch.index_select(items, 0, perm, out=out["pos"])
-                rng = np.random.default_rng(self._seed(world, _NEGATIVE_STREAM, j))
-                out["neg"].numpy()[:] = sample_negatives(
-                    out["users"].numpy(),
-                    self.n_negatives,
-                    self.n_items,
-                    rng,
-                    self.positives,
-                    self.cdf,
-                    dtype=np.int32,
-                )
+                    block = torch.from_numpy(pool.take())
+                out = {
+                    "users": block[:n],
+                    "pos": block[n : 2 * n],
+                    "neg": block[2 * n : width * n].view(n, self.n_negatives),
+                }
+                out_users, out_pos, out_neg = (out[key].numpy() for key in BATCH_KEYS)
+                shuffle_pairs(users, items, order, out_users, out_pos, scratch)
+                seed = self._seed(world, _NEGATIVE_STREAM, j)
+                if self.positives is None and self.cdf is None:
+                    uniform_draws(seed, self.n_items, out_neg)
+                else:
+                    out_neg[:] = sample_negatives(
+                        out_users,
+                        self.n_negatives,
+                        self.n_items,
+                        np.random.default_rng(seed),
+                        self.positives,
+                        self.cdf,
+                        dtype=out_neg.dtype.type,
+                    )
                 if j == first:  # a resumed reader: the window's draws are redone, then skipped
                     out = {key: value[skip - j * window :] for key, value in out.items()}
                 yield out
@@ -364,7 +371,7 @@ class ParquetStream(IterableDataset):
         key = [self.seed, self.epoch, world.rank, world.worker, stream, window]
         return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
 
-    def _row_group(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_group(self, group: int) -> tuple[np.ndarray, np.ndarray]:
         """Users and items of one row group; the last one decoded is kept (spans share groups)."""
         if self._cached is not None and self._cached[0] == group:
             return self._cached[1], self._cached[2]
@@ -374,7 +381,7 @@ class ParquetStream(IterableDataset):
         table = self._files[f].read_row_group(
             int(self.groups.group[group]), columns=[USER, ITEM], use_threads=False
         )
-        users, items = (_tensor(table.column(name)) for name in (USER, ITEM))
+        users, items = (_array(table.column(name)) for name in (USER, ITEM))
         self._cached = (group, users, items)
         return users, items
 
@@ -383,6 +390,31 @@ class ParquetStream(IterableDataset):
         state = self.__dict__.copy()
         state["_files"], state["_cached"] = {}, None
         return state
+
+
+class BlockPool:
+    """Blocks of ``size`` elements, each handed out again once nothing refers to it any more.
+
+    The batches cut from a window are views of its block and hold it (through the tensors
+    ``torch.from_numpy`` makes); so a block comes back once the consumer has dropped every
+    batch of it, and a consumer that keeps batches keeps their memory, as with any allocation.
+    Reuse spares a page fault per 4 KiB of fresh memory, which here costs about as much as the
+    work done on the rows in it. At most ``keep`` blocks are kept for reuse.
+    """
+
+    def __init__(self, size: int, dtype: type[np.generic], keep: int = 4) -> None:
+        self.size, self.dtype, self.keep = size, dtype, keep
+        self.blocks: list[np.ndarray] = []
+
+    def take(self) -> np.ndarray:
+        for block in self.blocks:
+            # referred to by the list, this loop and getrefcount's argument, and nothing else
+            if sys.getrefcount(block) == 3:
+                return block
+        block = np.empty(self.size, dtype=self.dtype)
+        if len(self.blocks) < self.keep:
+            self.blocks.append(block)
+        return block
 
 
 def _rechunk(
@@ -413,14 +445,40 @@ def _rechunk(
         yield _concat(held)
 
 
-def _tensor(column: pa.ChunkedArray) -> torch.Tensor:
-    """An int32 column as a tensor over Arrow's own buffer, without a copy (DLPack)."""
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _array(column: pa.ChunkedArray) -> np.ndarray:
+    """An int32 column as a read-only array over Arrow's own buffer, without a copy."""
     array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    return torch.from_dlpack(array)
+    return array.to_numpy(zero_copy_only=True)
 
 
-def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+def _join(pieces: list[np.ndarray]) -> np.ndarray:
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _widen(chunk: dict[str, Any], block: np.ndarray) -> dict[str, torch.Tensor]:
+    """A worker's int32 chunk copied as int64 into ``block``, which its batches view.
+
+    NumPy copies on this thread; torch would split the copy over its intra-op threads, which
+    then spin against the workers for the same cores.
+    """
+    rows = len(chunk["users"])
+    k = chunk["neg"].shape[1]
+    wide = {
+        "users": block[:rows],
+        "pos": block[rows : 2 * rows],
+        "neg": block[2 * rows : (2 + k) * rows].reshape(rows, k),
+    }
+    for key, value in wide.items():
+        np.copyto(value, chunk[key].numpy())
+    return {key: torch.from_numpy(value) for key, value in wide.items()}
 
 
 def _concat(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -484,6 +542,9 @@ class StreamLoader(EpochLoader):
             if negatives == "popularity"
             else None
         )
+        from recscale.loader.kernels import compile_kernels
+
+        compile_kernels()
         t0 = time.perf_counter()
         self.positives = self._positives() if reject_positives else None
         if self.positives is not None:
@@ -563,46 +624,42 @@ class StreamLoader(EpochLoader):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         position = self.position()
         skip = position[2]
-        released = torch.zeros(self.readers + 1, dtype=torch.int64)
+        released = None
         if self.num_workers:
-            released.share_memory_()
+            released = torch.zeros(self.readers + 1, dtype=torch.int64).share_memory_()
         chunks: Any = self.stream(position, released)
         if self.num_workers:
             chunks = DataLoader(chunks, batch_size=None, num_workers=self.num_workers)
         # the last chunks of each worker stay referenced, so their shared buffers stay mapped
         # here and the next chunks cut from them map nothing new
         recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=4 * self.readers)
+        width = 2 + self.n_negatives
+        pool = BlockPool(width * self.per_chunk * self.batch_size, np.int64)
         try:
             for chunk in chunks:
-                recent.append(chunk)
-                reader = chunk["reader"]
-                parts = {
-                    key: torch.split(value, self.batch_size)
-                    for key, value in chunk.items()
-                    if key != "reader"
-                }
-                count = len(parts["users"])
-                for i in range(count):
-                    batch = None
+                if released is not None:
+                    recent.append(chunk)
+                    reader = chunk["reader"]
+                    chunk = _widen(chunk, pool.take())
+                    released[reader] += 1  # copied out: its reader may rewrite it
+                if len(chunk["users"]) <= self.batch_size:  # a batch: the main process's chunks
+                    parts = {key: (chunk[key],) for key in BATCH_KEYS}
+                else:
+                    parts = {key: torch.split(chunk[key], self.batch_size) for key in BATCH_KEYS}
+                for i in range(len(parts["users"])):
                     if skip:  # consumed before the state this epoch resumed from
                         skip -= 1
-                    else:
-                        # readers hand over int32, half the bytes; widened batch by batch, so
-                        # the copy stays in cache and the batch owns its memory
-                        batch = {key: self._widen(split[i]) for key, split in parts.items()}
-                    if i == count - 1:
-                        released[reader] += 1  # copied out: its reader may rewrite it
-                    if batch is not None:
-                        self.batch += 1
-                        yield batch
+                        continue
+                    self.batch += 1
+                    batch = {key: split[i] for key, split in parts.items()}
+                    if self.pin_memory:
+                        batch = {key: value.pin_memory() for key, value in batch.items()}
+                    yield batch
         finally:
-            released[-1] = 1  # workers waiting for a release stop
+            if released is not None:
+                released[-1] = 1  # workers waiting for a release stop
         self.epoch += 1
         self.batch = 0
-
-    def _widen(self, value: torch.Tensor) -> torch.Tensor:
-        wide = torch.empty(value.shape, dtype=torch.int64, pin_memory=self.pin_memory)
-        return wide.copy_(value)
 
     def state_dict(self) -> dict[str, Any]:
         start, nxt, skip = self.position()

@@ -1,0 +1,133 @@
+"""The stream loader's compiled kernels: the window shuffle and the uniform draws, checked against
+a plain-Python Fisher–Yates and against the distributions they must have."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recscale.loader.kernels import shuffle_pairs, swap_positions, uniform_draws
+
+# chi-square critical values at p = 0.001, so a correct kernel fails about once in 1,000 seeds
+# (the seeds are fixed, so a passing test keeps passing)
+CHI2_999 = {6: 22.46, 23: 49.73, 99: 148.23}
+
+
+def chi2(counts: np.ndarray, expected: float) -> float:
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def reference_shuffle(values: list[int], positions: np.ndarray) -> list[int]:
+    """Fisher–Yates as textbooks write it: row n-1-s swaps with positions[s]."""
+    out = list(values)
+    n = len(out)
+    for s, k in enumerate(positions.tolist()):
+        i = n - 1 - s
+        out[i], out[k] = out[k], out[i]
+    return out
+
+
+def test_positions_are_in_range_and_a_pure_function_of_the_seed() -> None:
+    n = 10_000
+    a = swap_positions(7, np.empty(n - 1, np.uint32))
+    b = swap_positions(7, np.empty(n - 1, np.uint32))
+    c = swap_positions(8, np.empty(n - 1, np.uint32))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    bounds = n - np.arange(n - 1)  # entry s is uniform on 0 .. n - 1 - s
+    assert (a.astype(np.int64) < bounds).all()
+    # the last partner (for row 1) is 0 or 1; the first ranges over all rows
+    assert set(a[-1:].tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("out_dtype", [np.int32, np.int64])
+def test_shuffle_is_fisher_yates_over_the_pairs(out_dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    n = 5_000
+    users = rng.integers(0, 2**31 - 1, n, dtype=np.int32)
+    items = rng.integers(0, 2**31 - 1, n, dtype=np.int32)
+    positions = swap_positions(3, np.empty(n - 1, np.uint32))
+    out_users, out_items = np.empty(n, out_dtype), np.empty(n, out_dtype)
+    shuffle_pairs(users, items, positions, out_users, out_items, np.empty(n, np.uint64))
+    order = reference_shuffle(list(range(n)), positions)
+    assert out_users.tolist() == users[order].tolist()
+    assert out_items.tolist() == items[order].tolist()
+
+
+def test_shuffle_reads_arrow_buffers_in_place() -> None:
+    column = pa.array(np.arange(1_000, dtype=np.int32)).to_numpy(zero_copy_only=True)
+    assert not column.flags.writeable
+    positions = swap_positions(1, np.empty(999, np.uint32))
+    out = np.empty(1_000, np.int32), np.empty(1_000, np.int32)
+    shuffle_pairs(column, column, positions, *out, np.empty(1_000, np.uint64))
+    assert np.array_equal(out[0], out[1])
+    assert sorted(out[0].tolist()) == list(range(1_000))
+    assert out[0].tolist() != list(range(1_000))
+
+
+def test_every_order_of_four_rows_is_equally_likely() -> None:
+    rows = np.arange(4, dtype=np.int32)
+    positions, scratch = np.empty(3, np.uint32), np.empty(4, np.uint64)
+    counts: Counter[tuple[int, ...]] = Counter()
+    seeds = 24_000
+    for seed in range(seeds):
+        out = np.empty(4, np.int32)
+        shuffle_pairs(rows, rows, swap_positions(seed, positions), out, out.copy(), scratch)
+        counts[tuple(out.tolist())] += 1
+    assert set(counts) == set(itertools.permutations(range(4)))
+    observed = np.array([counts[p] for p in itertools.permutations(range(4))])
+    assert chi2(observed, seeds / 24) < CHI2_999[23]
+
+
+def test_a_row_lands_anywhere_in_a_long_window_equally_often() -> None:
+    # where row 0 of a 100-row window ends up, over 50,000 shuffles
+    n, seeds = 100, 50_000
+    rows = np.arange(n, dtype=np.int32)
+    positions, scratch = np.empty(n - 1, np.uint32), np.empty(n, np.uint64)
+    landed = np.zeros(n, np.int64)
+    out, out2 = np.empty(n, np.int32), np.empty(n, np.int32)
+    for seed in range(seeds):
+        shuffle_pairs(rows, rows, swap_positions(seed, positions), out, out2, scratch)
+        landed[int(np.flatnonzero(out == 0)[0])] += 1
+    assert chi2(landed, seeds / n) < CHI2_999[99]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_uniform_draws_cover_the_range_evenly(dtype: type) -> None:
+    out = uniform_draws(5, 7, np.empty((70_000, 2), dtype))
+    assert out.dtype == dtype and out.min() == 0 and out.max() == 6
+    counts = np.bincount(out.ravel(), minlength=7)
+    assert chi2(counts, out.size / 7) < CHI2_999[6]
+    again = uniform_draws(5, 7, np.empty((70_000, 2), dtype))
+    assert np.array_equal(out, again)
+
+
+def test_uniform_draws_near_the_32_bit_limit() -> None:
+    # three quarters of 2**32: the bound where Lemire's rejection matters most
+    high = 3 * 2**30
+    out = uniform_draws(1, high, np.empty(200_000, np.int64))
+    assert out.min() >= 0 and out.max() < high
+    # each quarter of the range holds a third of the draws
+    thirds = np.bincount(out // 2**30, minlength=3)
+    assert chi2(thirds, len(out) / 3) < 13.8  # 2 degrees of freedom, p = 0.001
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="uint32"):
+        swap_positions(0, np.empty(3, np.int64))
+    with pytest.raises(ValueError, match="high must be in 1"):
+        uniform_draws(0, 0, np.empty(3, np.int64))
+    with pytest.raises(ValueError, match="high must be in 1"):
+        uniform_draws(0, 2**31 + 1, np.empty(3, np.int32))
+    rows = np.arange(4, dtype=np.int32)
+    with pytest.raises(ValueError, match="4 users, 4 items and 2 positions"):
+        shuffle_pairs(
+            rows, rows, np.zeros(2, np.uint32), rows.copy(), rows.copy(), np.empty(4, np.uint64)
+        )
+    with pytest.raises(ValueError, match="outputs of 3 and 4"):
+        shuffle_pairs(
+            rows, rows, np.zeros(3, np.uint32), rows[:3].copy(), rows.copy(), np.empty(4, np.uint64)
+        )
