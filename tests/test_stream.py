@@ -495,3 +495,56 @@ def test_sequence_models_refuse_the_stream_loader(blocks: Path, tmp_path: Path) 
             {"dim": 8, "max_len": 4},
             run_dir=tmp_path / "run",
         )
+
+
+# --- the workers' shared blocks (recscale.loader.handover) ----------------------------------
+
+
+def copied(batches: object) -> list[dict[str, torch.Tensor]]:
+    """Each batch cloned as it comes, so the loader may reuse its memory at once."""
+    return [{k: v.clone() for k, v in b.items()} for b in batches]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("chunk_rows", [stream.CHUNK_ROWS, 128])
+def test_batches_kept_by_the_consumer_are_never_overwritten(
+    part: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    # batches of 64, windows of 100 rows: many messages straddle windows, and with every batch
+    # kept the workers run out of shared blocks and send windows as tensors of their own
+    monkeypatch.setattr(stream, "CHUNK_ROWS", chunk_rows)
+    settings = dict(n_items=N_ITEMS, batch_size=64, shuffle_buffer=100, num_workers=2, seed=4)
+    expected = StreamLoader(part, **settings)
+    epochs = [copied(expected), copied(expected)]
+    loader = StreamLoader(part, **settings)
+    kept_first = list(loader)  # held through the second epoch, whose workers reuse blocks
+    kept_second = list(loader)
+    assert same_batches(kept_first, epochs[0]) and same_batches(kept_second, epochs[1])
+    assert sorted(rows_of(kept_first)) == list(range(1_000))
+
+
+def test_dropped_batches_release_their_blocks(part: Path) -> None:
+    loader = StreamLoader(part, n_items=N_ITEMS, batch_size=64, shuffle_buffer=500, num_workers=1)
+    shared = loader._shared
+    assert shared is not None
+    batches = list(loader)
+    shared.collect()
+    assert int(shared.released[0]) == 0  # the epoch's one message: its batches are all kept
+    del batches
+    shared.collect()
+    assert int(shared.released[0]) == 1
+    held = next(iter(loader))
+    shared.collect()
+    assert int(shared.released[0]) == 0  # the new epoch's first message is still viewed
+    del held
+    shared.collect()
+    assert int(shared.released[0]) == 1
+
+
+def test_a_new_pass_ends_the_one_before(part: Path) -> None:
+    loader = StreamLoader(part, n_items=N_ITEMS, batch_size=100, num_workers=2)
+    first = iter(loader)
+    head = next(first)
+    rest = list(loader)  # goes on from the batch after ``head``, as a resumed epoch would
+    with pytest.raises(StopIteration):
+        next(first)
+    assert sorted(rows_of([head, *rest])) == list(range(1_000))

@@ -27,12 +27,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import sys
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recscale.errors import ConfigError, DatasetError
+from recscale.loader.handover import BlockPool, Piece, SharedWindows
 from recscale.loader.negatives import (
     NEGATIVE_SAMPLERS,
     Positives,
@@ -67,6 +68,30 @@ BATCH_KEYS = ("users", "pos", "neg")
 CHUNK_ROWS = 1 << 18
 # generator streams of one reader: window orders and batch negatives never share draws
 _WINDOW_STREAM, _NEGATIVE_STREAM = 0, 1
+
+
+class _Window(NamedTuple):
+    """A shuffled window of ``rows`` rows in ``values`` (users, positives, negatives), read from
+    row ``first`` on; ``block`` is its shared block (-1: none, ``tensor`` holds it instead)."""
+
+    values: np.ndarray
+    rows: int
+    first: int
+    block: int
+    tensor: torch.Tensor | None
+
+
+class Workspace:
+    """The main process's buffers for windows of up to ``rows`` rows, kept for every epoch: the
+    pool of output blocks and the shuffle's scratch, their pages faulted in once."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.rows = rows
+        self.pool = BlockPool(width * rows, np.int64)
+        for _ in range(2):  # a window's block and the last one's, whose batches are still out
+            self.pool.blocks.append(np.zeros(width * rows, dtype=np.int64))
+        self.scratch = np.zeros(rows, dtype=np.uint64)
+        self.orders = [np.zeros(max(rows - 1, 0), dtype=np.uint32) for _ in range(2)]
 
 
 class RowGroups:
@@ -219,7 +244,8 @@ class ParquetStream(IterableDataset):
         start: Sequence[int],
         rotation: int,
         per_chunk: int = 1,
-        released: torch.Tensor | None = None,
+        shared: SharedWindows | None = None,
+        workspace: Workspace | None = None,
     ) -> None:
         super().__init__()
         self.groups = groups
@@ -236,7 +262,8 @@ class ParquetStream(IterableDataset):
         self.start = list(start)
         self.rotation = rotation
         self.per_chunk = per_chunk
-        self.released = released
+        self.shared = shared
+        self.workspace = workspace
         self._files: dict[int, pq.ParquetFile] = {}
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -247,26 +274,68 @@ class ParquetStream(IterableDataset):
         return self.world.with_worker((worker + self.rotation) % self.num_workers, self.num_workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        in_worker = self.shared is not None and get_worker_info() is not None
+        if in_worker:
+            # a persistent worker: the epoch it reads now is the one the consumer planned
+            self.epoch, self.rotation, self.start = self.shared.plan()
+            self.shared.begin()
         world = self.reader_world()
         spans = reader_spans(self.groups.rows, world, self.seed, self.epoch)
         skip = self.start[world.worker] * self.batch_size
         size = self.per_chunk * self.batch_size
-        for chunk in _rechunk(self._windows(spans, world, skip, size), size):
+        windows = self._windows(spans, world, skip)
+        if in_worker:
+            yield from self._messages(windows, world.worker, size)
+            return
+        blocks = (
+            {
+                "users": torch.from_numpy(w.values[: w.rows][w.first :]),
+                "pos": torch.from_numpy(w.values[w.rows : 2 * w.rows][w.first :]),
+                "neg": torch.from_numpy(
+                    w.values[2 * w.rows :].reshape(w.rows, self.n_negatives)[w.first :]
+                ),
+            }
+            for w in windows
+        )
+        for chunk in _rechunk(blocks, size):
             yield {**chunk, "reader": world.worker}
 
-    def _windows(
-        self, spans: np.ndarray, world: World, skip: int, chunk_rows: int
-    ) -> Iterator[dict[str, torch.Tensor]]:
+    def _messages(self, windows: Iterator[_Window], reader: int, size: int) -> Iterator[dict]:
+        """A worker's messages: the :class:`Piece` s of ``size`` rows of its windows each."""
+        assert self.shared is not None
+        pieces: list[Piece] = []
+        held = 0
+        sent = 0
+        # blocks whose last rows are in the message being filled
+        finished: list[int] = []
+        for w in windows:
+            at = w.first
+            while at < w.rows:
+                take = min(size - held, w.rows - at)
+                pieces.append(Piece(w.block, w.rows, at, at + take, w.tensor))
+                held += take
+                at += take
+                if at == w.rows and w.block >= 0:
+                    finished.append(w.block)
+                if held == size:
+                    yield {"reader": reader, "message": sent, "pieces": pieces}
+                    sent += 1
+                    for block in finished:
+                        self.shared.written(block, sent)
+                    pieces, held, finished = [], 0, []
+        if pieces:
+            yield {"reader": reader, "message": sent, "pieces": pieces}
+
+    def _windows(self, spans: np.ndarray, world: World, skip: int) -> Iterator[_Window]:
         """The reader's rows from position ``skip`` on, one shuffled window at a time.
 
         Another thread prepares window ``j + 1`` (its rows decoded, its swap positions drawn)
         while this one shuffles window ``j`` and draws its negatives; all of it releases the GIL.
 
-        In the main process each window is written as int64 into a block from a
-        :class:`BlockPool`, which the batches cut from it are views of. A DataLoader worker
-        writes int32 instead, half the bytes, into two shared-memory blocks in turn, which its
-        DataLoader would otherwise allocate and copy the tensors into; a block is rewritten once
-        the consumer has released every chunk cut from it (see :class:`StreamLoader`).
+        Each window is written as int64, users then positives then negatives, into a block the
+        batches cut from it are views of: in the main process one from the loader's
+        :class:`BlockPool`, in a DataLoader worker one of its :class:`SharedWindows` blocks (or
+        a fresh tensor when none is free).
         """
         from recscale.loader.kernels import shuffle_pairs, swap_positions, uniform_draws
 
@@ -279,9 +348,22 @@ class ParquetStream(IterableDataset):
         if first >= stop:
             return
         rows = min(window, total)
-        # one set of swap positions is drawn while the other is used
-        orders = [np.empty(max(rows - 1, 0), dtype=np.uint32) for _ in range(2)]
-        scratch = np.empty(rows, dtype=np.uint64)
+        width = 2 + self.n_negatives
+        in_worker = get_worker_info() is not None
+        shared = self.shared if in_worker else None
+        if shared is not None:
+            scratch, orders = shared.scratch(world.worker)
+        elif self.workspace is not None and self.workspace.rows >= rows:
+            scratch, orders = self.workspace.scratch, self.workspace.orders
+        else:
+            scratch = np.empty(rows, dtype=np.uint64)
+            # one set of swap positions is drawn while the other is used
+            orders = [np.empty(max(rows - 1, 0), dtype=np.uint32) for _ in range(2)]
+        pool = (
+            self.workspace.pool
+            if self.workspace is not None and self.workspace.pool.size >= width * rows
+            else BlockPool(width * rows, np.int64)
+        )
 
         def prepare(j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             lo, hi = j * window, min((j + 1) * window, total)
@@ -299,14 +381,6 @@ class ParquetStream(IterableDataset):
             )
             return _join(users), _join(items), order
 
-        width = 2 + self.n_negatives
-        worker = get_worker_info() is not None
-        # a chunk longer than a window would hold views of three windows at once
-        reuse = worker and self.released is not None and chunk_rows <= window
-        shared: list[torch.Tensor] = []
-        pool = BlockPool(width * rows, np.int64)
-        # chunks the consumer must have released before shared block j % 2 is rewritten
-        done_with = [0, 0]
         # a thread to read ahead only where a core is left for it: with a reader per core, a
         # second thread per reader only makes them take turns
         threads = 1 if _cores() > self.num_workers else 0
@@ -317,24 +391,17 @@ class ParquetStream(IterableDataset):
                 if threads and j + 1 < stop:
                     ahead = ahead_pool.submit(prepare, j + 1)
                 n = len(users)
-                if worker:
-                    if reuse and len(shared) == 2:
-                        if not self._await_release(world.worker, done_with[j % 2]):
-                            return  # the consumer has stopped
-                        block = shared[j % 2]
-                    else:
-                        block = torch.empty(width * rows, dtype=torch.int32).share_memory_()
-                        if reuse:
-                            shared.append(block)
-                    done_with[j % 2] = -(-(min((j + 1) * window, total) - skip) // chunk_rows)
+                block, tensor = -1, None
+                taken = shared.take(world.worker) if shared is not None else None
+                if taken is not None:
+                    block, values = taken
+                elif in_worker:  # no shared block free: a tensor sent the usual way
+                    tensor = torch.empty(width * rows, dtype=torch.int64)
+                    values = tensor.numpy()
                 else:
-                    block = torch.from_numpy(pool.take())
-                out = {
-                    "users": block[:n],
-                    "pos": block[n : 2 * n],
-                    "neg": block[2 * n : width * n].view(n, self.n_negatives),
-                }
-                out_users, out_pos, out_neg = (out[key].numpy() for key in BATCH_KEYS)
+                    values = pool.take()
+                out_users, out_pos = values[:n], values[n : 2 * n]
+                out_neg = values[2 * n : width * n].reshape(n, self.n_negatives)
                 shuffle_pairs(users, items, order, out_users, out_pos, scratch)
                 seed = self._seed(world, _NEGATIVE_STREAM, j)
                 if self.positives is None and self.cdf is None:
@@ -347,25 +414,11 @@ class ParquetStream(IterableDataset):
                         np.random.default_rng(seed),
                         self.positives,
                         self.cdf,
-                        dtype=out_neg.dtype.type,
+                        dtype=np.int64,
                     )
-                if j == first:  # a resumed reader: the window's draws are redone, then skipped
-                    out = {key: value[skip - j * window :] for key, value in out.items()}
-                yield out
-
-    def _await_release(self, reader: int, chunks: int) -> bool:
-        """Wait until the consumer has released ``chunks`` of ``reader``'s chunks.
-
-        False when it stopped instead: it closed the epoch, or the process that started this
-        worker is gone.
-        """
-        assert self.released is not None
-        parent = os.getppid()
-        while int(self.released[reader]) < chunks:
-            if int(self.released[-1]) or os.getppid() != parent:
-                return False
-            time.sleep(1e-4)
-        return True
+                # a resumed reader: the first window's draws are redone, then skipped
+                start = skip - j * window if j == first else 0
+                yield _Window(values[: width * n], n, start, block, tensor)
 
     def _seed(self, world: World, stream: int, window: int) -> int:
         key = [self.seed, self.epoch, world.rank, world.worker, stream, window]
@@ -390,31 +443,6 @@ class ParquetStream(IterableDataset):
         state = self.__dict__.copy()
         state["_files"], state["_cached"] = {}, None
         return state
-
-
-class BlockPool:
-    """Blocks of ``size`` elements, each handed out again once nothing refers to it any more.
-
-    The batches cut from a window are views of its block and hold it (through the tensors
-    ``torch.from_numpy`` makes); so a block comes back once the consumer has dropped every
-    batch of it, and a consumer that keeps batches keeps their memory, as with any allocation.
-    Reuse spares a page fault per 4 KiB of fresh memory, which here costs about as much as the
-    work done on the rows in it. At most ``keep`` blocks are kept for reuse.
-    """
-
-    def __init__(self, size: int, dtype: type[np.generic], keep: int = 4) -> None:
-        self.size, self.dtype, self.keep = size, dtype, keep
-        self.blocks: list[np.ndarray] = []
-
-    def take(self) -> np.ndarray:
-        for block in self.blocks:
-            # referred to by the list, this loop and getrefcount's argument, and nothing else
-            if sys.getrefcount(block) == 3:
-                return block
-        block = np.empty(self.size, dtype=self.dtype)
-        if len(self.blocks) < self.keep:
-            self.blocks.append(block)
-        return block
 
 
 def _rechunk(
@@ -463,22 +491,55 @@ def _join(pieces: list[np.ndarray]) -> np.ndarray:
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
-def _widen(chunk: dict[str, Any], block: np.ndarray) -> dict[str, torch.Tensor]:
-    """A worker's int32 chunk copied as int64 into ``block``, which its batches view.
+def _cut_message(
+    message: dict[str, Any], shared: SharedWindows, size: int, k: int
+) -> tuple[collections.deque[dict[str, torch.Tensor]], list[tuple[int, np.ndarray]]]:
+    """A worker's message cut into batches, and the (block, array) pairs they view."""
+    reader = message["reader"]
+    views, columns = [], []
+    for piece in message["pieces"]:
+        values = shared.window(reader, piece, 2 + k)
+        if piece.block >= 0:
+            views.append((piece.block, values))
+        r, a, b = piece.rows, piece.start, piece.stop
+        columns.append((values[a:b], values[r + a : r + b], values[2 * r + a * k : 2 * r + b * k]))
+    return _cut_batches(columns, size, k), views
 
-    NumPy copies on this thread; torch would split the copy over its intra-op threads, which
-    then spin against the workers for the same cores.
-    """
-    rows = len(chunk["users"])
-    k = chunk["neg"].shape[1]
-    wide = {
-        "users": block[:rows],
-        "pos": block[rows : 2 * rows],
-        "neg": block[2 * rows : (2 + k) * rows].reshape(rows, k),
+
+def _cut_batches(
+    columns: list[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int, k: int
+) -> collections.deque[dict[str, torch.Tensor]]:
+    """Batches of ``size`` rows cut in order from pieces of (users, positives, flat negatives)."""
+    batches: collections.deque[dict[str, torch.Tensor]] = collections.deque()
+    held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    n_held = 0
+    for users, pos, neg in columns:
+        n, at = len(users), 0
+        while at < n:
+            take = min(size - n_held, n - at)
+            held.append((users[at : at + take], pos[at : at + take], neg[at * k : (at + take) * k]))
+            n_held += take
+            at += take
+            if n_held == size:
+                batches.append(_batch(held, k))
+                held, n_held = [], 0
+    if held:
+        batches.append(_batch(held, k))
+    return batches
+
+
+def _batch(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int
+) -> dict[str, torch.Tensor]:
+    if len(parts) == 1:
+        users, pos, neg = parts[0]
+    else:
+        users, pos, neg = (np.concatenate(column) for column in zip(*parts, strict=True))
+    return {
+        "users": torch.from_numpy(users),
+        "pos": torch.from_numpy(pos),
+        "neg": torch.from_numpy(neg.reshape(-1, k)),
     }
-    for key, value in wide.items():
-        np.copyto(value, chunk[key].numpy())
-    return {key: torch.from_numpy(value) for key, value in wide.items()}
 
 
 def _concat(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -556,8 +617,30 @@ class StreamLoader(EpochLoader):
                 (self.positives.keys.nbytes + self.positives.start.nbytes) / 2**20,
                 time.perf_counter() - t0,
             )
+        self._workspace: Workspace | None = None
+        self._shared: SharedWindows | None = None
+        self._workers: DataLoader | None = None
+        self._active: weakref.ref[Iterator[dict[str, torch.Tensor]]] | None = None
+        rows = min(shuffle_buffer, max(self._reader_rows(), 1))
+        width = 2 + n_negatives
+        if num_workers:
+            chunk_rows = self.per_chunk * batch_size
+            # the blocks of a window being written, of the messages queued and of the batches
+            # still out (see recscale.loader.handover)
+            blocks = 2 + -(-4 * chunk_rows // rows)
+            self._shared = SharedWindows(self.readers, blocks, width * rows, rows)
+        else:
+            self._workspace = Workspace(rows, width)
         self.epoch = 0
         self.batch = 0
+
+    def _reader_rows(self) -> int:
+        """The most rows any of this rank's readers reads in an epoch."""
+        sizes = []
+        for w in range(self.readers):
+            lo, hi = reader_range(self.groups.total, self.world.with_worker(w, self.readers))
+            sizes.append(hi - lo)
+        return max(sizes)
 
     # where each reader reads next follows from (epoch, batch): it is recorded, not checked
     POSITION_KEYS = ("epoch", "batch", "readers")
@@ -591,17 +674,8 @@ class StreamLoader(EpochLoader):
         """:func:`interleave_position` of the batches handed out so far this epoch."""
         return interleave_position(self.worker_batches(), self.batch, self.per_chunk)
 
-    def stream(
-        self,
-        position: tuple[np.ndarray, int, int] | None = None,
-        released: torch.Tensor | None = None,
-    ) -> ParquetStream:
-        """The IterableDataset of the rest of the current epoch, chunk by chunk.
-
-        ``released`` (shared int64, one count per reader and a last "closed" flag) lets workers
-        reuse their output buffers: the consumer adds 1 to ``released[reader]`` once it is done
-        with a chunk, and sets ``released[-1]`` when it stops early.
-        """
+    def stream(self, position: tuple[np.ndarray, int, int] | None = None) -> ParquetStream:
+        """The IterableDataset of the rest of the current epoch, chunk by chunk."""
         start, rotation, _ = position or self.position()
         return ParquetStream(
             self.groups,
@@ -618,48 +692,66 @@ class StreamLoader(EpochLoader):
             start=start.tolist(),
             rotation=rotation,
             per_chunk=self.per_chunk,
-            released=released,
+            shared=self._shared,
+            workspace=self._workspace,
         )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # one pass at a time: the buffers and the workers are the loader's, not the pass's
+        # (held weakly: a pass that its consumer drops is closed then, not by the cycle GC,
+        # which would finalise the workers' queues in any order and leave them hanging)
+        active = self._active() if self._active is not None else None
+        if active is not None:
+            active.close()
+        passing = self._pass()
+        self._active = weakref.ref(passing)
+        return passing
+
+    def _pass(self) -> Iterator[dict[str, torch.Tensor]]:
         position = self.position()
         skip = position[2]
-        released = None
-        if self.num_workers:
-            released = torch.zeros(self.readers + 1, dtype=torch.int64).share_memory_()
-        chunks: Any = self.stream(position, released)
-        if self.num_workers:
-            chunks = DataLoader(chunks, batch_size=None, num_workers=self.num_workers)
-        # the last chunks of each worker stay referenced, so their shared buffers stay mapped
-        # here and the next chunks cut from them map nothing new
-        recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=4 * self.readers)
-        width = 2 + self.n_negatives
-        pool = BlockPool(width * self.per_chunk * self.batch_size, np.int64)
-        try:
-            for chunk in chunks:
-                if released is not None:
-                    recent.append(chunk)
-                    reader = chunk["reader"]
-                    chunk = _widen(chunk, pool.take())
-                    released[reader] += 1  # copied out: its reader may rewrite it
-                if len(chunk["users"]) <= self.batch_size:  # a batch: the main process's chunks
-                    parts = {key: (chunk[key],) for key in BATCH_KEYS}
-                else:
-                    parts = {key: torch.split(chunk[key], self.batch_size) for key in BATCH_KEYS}
-                for i in range(len(parts["users"])):
-                    if skip:  # consumed before the state this epoch resumed from
-                        skip -= 1
-                        continue
-                    self.batch += 1
-                    batch = {key: split[i] for key, split in parts.items()}
-                    if self.pin_memory:
-                        batch = {key: value.pin_memory() for key, value in batch.items()}
-                    yield batch
-        finally:
-            if released is not None:
-                released[-1] = 1  # workers waiting for a release stop
+        if self._shared is not None:
+            start, rotation, _ = position
+            self._shared.reset(self.epoch, rotation, start.tolist())
+            if self._workers is None:
+                # fork: the workers inherit the shared blocks mapped here; persistent: they
+                # map them once and read every epoch from the plan in shared memory
+                self._workers = DataLoader(
+                    self.stream(position),
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    multiprocessing_context="fork",
+                    persistent_workers=True,
+                )
+            batches = self._from_workers(iter(self._workers), self._shared)
+        else:
+            batches = ({key: chunk[key] for key in BATCH_KEYS} for chunk in self.stream(position))
+        for batch in batches:
+            if skip:  # consumed before the state this epoch resumed from
+                skip -= 1
+                continue
+            self.batch += 1
+            if self.pin_memory:
+                batch = {key: value.pin_memory() for key, value in batch.items()}
+            yield batch
         self.epoch += 1
         self.batch = 0
+
+    def _from_workers(
+        self, messages: Iterator[dict[str, Any]], shared: SharedWindows
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of the workers' messages, views of their shared blocks wherever a batch
+        lies inside one window (a batch across two windows is joined by a copy)."""
+        for message in messages:
+            reader = message["reader"]
+            cut, views = _cut_message(message, shared, self.batch_size, self.n_negatives)
+            shared.hold(reader, message["message"], views)
+            del views
+            while cut:
+                batch = cut.popleft()
+                yield batch
+                del batch
+                shared.collect()
 
     def state_dict(self) -> dict[str, Any]:
         start, nxt, skip = self.position()
