@@ -62,6 +62,15 @@ def report(samples, seconds, first, **extra):
     print(json.dumps({"samples": int(samples), "seconds": seconds, "first_seconds": first,
                       "peak_mib": peak / 1024, **extra}))
 
+def two_passes(one_pass, **extra):
+    # one_pass() reads an epoch and returns its samples; both passes are timed
+    seconds = []
+    for epoch in range(2):
+        t0 = time.perf_counter()
+        samples = one_pass()
+        seconds.append(time.perf_counter() - t0)
+    report(samples, seconds[1], seconds[0], **extra)
+
 if kind == "raw":
     import multiprocessing as mp
     import pyarrow.parquet as pq
@@ -78,13 +87,8 @@ if kind == "raw":
 
     n = len(RowGroups.of_directory(part))
     shares = [list(range(w, n, max(workers, 1))) for w in range(max(workers, 1))]
-    seconds = []
     with mp.get_context("fork").Pool(max(workers, 1)) if workers > 1 else nullcontext() as pool:
-        for epoch in range(2):
-            t0 = time.perf_counter()
-            rows = read(shares[0]) if workers <= 1 else sum(pool.map(read, shares))
-            seconds.append(time.perf_counter() - t0)
-    report(rows, seconds[1], seconds[0])
+        two_passes(lambda: read(shares[0]) if workers <= 1 else sum(pool.map(read, shares)))
 
 elif kind == "raw-handover":
     # the raw read again, in DataLoader workers that hand each decoded row group to this
@@ -104,15 +108,8 @@ elif kind == "raw-handover":
                 yield {name: torch.from_dlpack(t.column(name).chunk(0))
                        for name in ("user_idx", "item_idx")}
 
-    seconds = []
     loader = DataLoader(RawGroups(), batch_size=None, num_workers=workers, persistent_workers=True)
-    for epoch in range(2):
-        rows = 0
-        t0 = time.perf_counter()
-        for group in loader:
-            rows += len(group["user_idx"])
-        seconds.append(time.perf_counter() - t0)
-    report(rows, seconds[1], seconds[0])
+    two_passes(lambda: sum(len(group["user_idx"]) for group in loader))
 
 elif kind in ("stream", "stream-reject"):
     from recscale.loader import StreamLoader
@@ -120,14 +117,7 @@ elif kind in ("stream", "stream-reject"):
     loader = StreamLoader(part, n_items=n_items, batch_size=batch_size, shuffle_buffer=buffer,
                           num_workers=workers, reject_positives=kind == "stream-reject")
     setup = time.perf_counter() - t0
-    seconds = []
-    for epoch in range(2):
-        samples = 0
-        t0 = time.perf_counter()
-        for batch in loader:
-            samples += len(batch["users"])
-        seconds.append(time.perf_counter() - t0)
-    report(samples, seconds[1], seconds[0], setup_seconds=round(setup, 2))
+    two_passes(lambda: sum(len(batch["users"]) for batch in loader), setup_seconds=round(setup, 2))
 
 elif kind == "plain":
     import torch
@@ -147,16 +137,15 @@ elif kind == "plain":
 
     loader = DataLoader(Pairs(), batch_size=batch_size, shuffle=True, num_workers=workers,
                         persistent_workers=workers > 0)
-    seconds = []
-    for epoch in range(2):  # the first `limit` batches of two epochs
+    def first_batches():  # the first `limit` batches of an epoch
         samples = 0
-        t0 = time.perf_counter()
         for b, (u, i, j) in enumerate(loader):
             samples += len(u)
             if b + 1 == limit:
-                break
-        seconds.append(time.perf_counter() - t0)
-    report(samples, seconds[1], seconds[0])
+                return samples
+        return samples
+
+    two_passes(first_batches)
 
 elif kind == "petastorm":
     from petastorm import make_batch_reader

@@ -29,7 +29,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -287,17 +287,16 @@ class ParquetStream(IterableDataset):
         if in_worker:
             yield from self._messages(windows, world.worker, size)
             return
-        blocks = (
-            {
-                "users": torch.from_numpy(w.values[: w.rows][w.first :]),
-                "pos": torch.from_numpy(w.values[w.rows : 2 * w.rows][w.first :]),
-                "neg": torch.from_numpy(
-                    w.values[2 * w.rows :].reshape(w.rows, self.n_negatives)[w.first :]
-                ),
-            }
+        k = self.n_negatives
+        columns = (
+            (
+                w.values[w.first : w.rows],
+                w.values[w.rows + w.first : 2 * w.rows],
+                w.values[2 * w.rows + w.first * k : (2 + k) * w.rows],
+            )
             for w in windows
         )
-        for chunk in _rechunk(blocks, size):
+        for chunk in _cut_batches(columns, size, k):
             yield {**chunk, "reader": world.worker}
 
     def _messages(self, windows: Iterator[_Window], reader: int, size: int) -> Iterator[dict]:
@@ -445,34 +444,6 @@ class ParquetStream(IterableDataset):
         return state
 
 
-def _rechunk(
-    blocks: Iterator[dict[str, torch.Tensor]], size: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Blocks of rows regrouped into chunks of exactly ``size`` rows (the last may hold fewer).
-
-    Chunks are views of a block wherever they can be, and copied only where they straddle two.
-    """
-    held: list[dict[str, torch.Tensor]] = []
-    n_held = 0
-    for block in blocks:
-        n, at = len(block["users"]), 0
-        if n_held:
-            at = min(size - n_held, n)
-            held.append({key: value[:at] for key, value in block.items()})
-            n_held += at
-            if n_held < size:
-                continue
-            yield _concat(held)
-            held, n_held = [], 0
-        while n - at >= size:
-            yield {key: value[at : at + size] for key, value in block.items()}
-            at += size
-        if at < n:
-            held, n_held = [{key: value[at:] for key, value in block.items()}], n - at
-    if held:
-        yield _concat(held)
-
-
 def _cores() -> int:
     """CPU cores this process may run on."""
     try:
@@ -503,14 +474,14 @@ def _cut_message(
             views.append((piece.block, values))
         r, a, b = piece.rows, piece.start, piece.stop
         columns.append((values[a:b], values[r + a : r + b], values[2 * r + a * k : 2 * r + b * k]))
-    return _cut_batches(columns, size, k), views
+    return collections.deque(_cut_batches(columns, size, k)), views
 
 
 def _cut_batches(
-    columns: list[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int, k: int
-) -> collections.deque[dict[str, torch.Tensor]]:
-    """Batches of ``size`` rows cut in order from pieces of (users, positives, flat negatives)."""
-    batches: collections.deque[dict[str, torch.Tensor]] = collections.deque()
+    columns: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int, k: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``size`` rows cut in order from pieces of (users, positives, flat negatives):
+    views of the pieces, except where a batch straddles two (the last may hold fewer rows)."""
     held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     n_held = 0
     for users, pos, neg in columns:
@@ -521,11 +492,10 @@ def _cut_batches(
             n_held += take
             at += take
             if n_held == size:
-                batches.append(_batch(held, k))
+                yield _batch(held, k)
                 held, n_held = [], 0
     if held:
-        batches.append(_batch(held, k))
-    return batches
+        yield _batch(held, k)
 
 
 def _batch(
@@ -540,12 +510,6 @@ def _batch(
         "pos": torch.from_numpy(pos),
         "neg": torch.from_numpy(neg.reshape(-1, k)),
     }
-
-
-def _concat(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    if len(blocks) == 1:
-        return blocks[0]
-    return {key: torch.cat([b[key] for b in blocks]) for key in blocks[0]}
 
 
 class StreamLoader(EpochLoader):
@@ -621,7 +585,7 @@ class StreamLoader(EpochLoader):
         self._shared: SharedWindows | None = None
         self._workers: DataLoader | None = None
         self._active: weakref.ref[Iterator[dict[str, torch.Tensor]]] | None = None
-        rows = min(shuffle_buffer, max(self._reader_rows(), 1))
+        rows = min(shuffle_buffer, max(int(self.reader_rows().max()), 1))
         width = 2 + n_negatives
         if num_workers:
             chunk_rows = self.per_chunk * batch_size
@@ -633,14 +597,6 @@ class StreamLoader(EpochLoader):
             self._workspace = Workspace(rows, width)
         self.epoch = 0
         self.batch = 0
-
-    def _reader_rows(self) -> int:
-        """The most rows any of this rank's readers reads in an epoch."""
-        sizes = []
-        for w in range(self.readers):
-            lo, hi = reader_range(self.groups.total, self.world.with_worker(w, self.readers))
-            sizes.append(hi - lo)
-        return max(sizes)
 
     # where each reader reads next follows from (epoch, batch): it is recorded, not checked
     POSITION_KEYS = ("epoch", "batch", "readers")
@@ -654,13 +610,17 @@ class StreamLoader(EpochLoader):
     def rows_per_epoch(self) -> int:
         return -(-self.groups.total // self.world.world_size)
 
-    def worker_batches(self) -> np.ndarray:
-        """Batches each of this rank's readers hands out per epoch."""
-        counts = []
+    def reader_rows(self) -> np.ndarray:
+        """Rows each of this rank's readers reads per epoch."""
+        sizes = []
         for w in range(self.readers):
             lo, hi = reader_range(self.groups.total, self.world.with_worker(w, self.readers))
-            counts.append(-(-(hi - lo) // self.batch_size))
-        return np.asarray(counts, dtype=np.int64)
+            sizes.append(hi - lo)
+        return np.asarray(sizes, dtype=np.int64)
+
+    def worker_batches(self) -> np.ndarray:
+        """Batches each of this rank's readers hands out per epoch."""
+        return -(-self.reader_rows() // self.batch_size)
 
     def __len__(self) -> int:
         return int(self.worker_batches().sum())
