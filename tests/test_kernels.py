@@ -96,6 +96,24 @@ def test_a_row_lands_anywhere_in_a_long_window_equally_often() -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("n, per_row", [(1, 1), (999, 1), (1_000, 1), (999, 2), (1_000, 3)])
+def test_negatives_drawn_with_the_shuffle_are_uniform_draws(
+    dtype: type, n: int, per_row: int
+) -> None:
+    rows = np.arange(n, dtype=np.int32)
+    positions = swap_positions(2, np.empty(n - 1, np.uint32))
+    out_users, out_items, scratch = np.empty(n, dtype), np.empty(n, dtype), np.empty(n, np.uint64)
+    shuffle_pairs(rows, rows, positions, out_users, out_items, scratch)
+    alone = out_users.copy()
+    # bounds where a quarter of the values is rejected and redrawn: redraws come in one order
+    high = 3 * 2**29 if dtype == np.int32 else 3 * 2**30
+    negatives = np.empty((n, per_row), dtype)
+    shuffle_pairs(rows, rows, positions, out_users, out_items, scratch, (9, high, negatives))
+    assert np.array_equal(out_users, alone) and np.array_equal(out_items, alone)
+    assert np.array_equal(negatives, uniform_draws(9, high, np.empty((n, per_row), dtype)))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
 def test_uniform_draws_cover_the_range_evenly(dtype: type) -> None:
     out = uniform_draws(5, 7, np.empty((70_000, 2), dtype))
     assert out.dtype == dtype and out.min() == 0 and out.max() == 6
@@ -127,7 +145,17 @@ def test_bad_arguments_are_refused() -> None:
         shuffle_pairs(
             rows, rows, np.zeros(2, np.uint32), rows.copy(), rows.copy(), np.empty(4, np.uint64)
         )
+    with pytest.raises(ValueError, match="high must be in 1"):
+        shuffle_pairs(*args4(rows), (0, 0, np.empty((4, 1), np.int64)))
+    with pytest.raises(ValueError, match=r"4 contiguous rows, got \(3, 1\)"):
+        shuffle_pairs(*args4(rows), (0, 5, np.empty((3, 1), np.int64)))
     with pytest.raises(ValueError, match="outputs of 3 and 4"):
         shuffle_pairs(
             rows, rows, np.zeros(3, np.uint32), rows[:3].copy(), rows.copy(), np.empty(4, np.uint64)
         )
+
+
+def args4(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """shuffle_pairs's arguments for the 4 rows ``rows``."""
+    positions = swap_positions(0, np.empty(3, np.uint32))
+    return rows, rows, positions, rows.copy(), rows.copy(), np.empty(4, np.uint64)

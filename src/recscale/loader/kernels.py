@@ -4,7 +4,8 @@
   :func:`shuffle_pairs` applies them to a window's (user, item) pairs packed into one 64-bit word
   each, so every swap moves both columns with one load and one store, and no gather by a random
   index follows.
-- :func:`uniform_draws` fills a buffer with uniform negatives.
+- :func:`uniform_draws` fills a buffer with uniform negatives; :func:`shuffle_pairs` can draw
+  them too, in the pass that writes the shuffled rows out.
 
 Why not ``torch.randperm`` and two ``index_select``: on a 1M-row window both wait on a cache
 miss at every row (the permutation is built by random swaps, and the gathers read at random);
@@ -137,7 +138,9 @@ def _uniform_draws(seed, high, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _shuffle_pairs(users, items, pos, packed, out_users, out_items):  # pragma: no cover
+def _shuffle_pairs(
+    users, items, pos, packed, out_users, out_items, seed, high, out_neg
+):  # pragma: no cover - compiled
     n = users.size
     for j in range(n):
         packed[j] = (np.uint64(np.uint32(users[j])) << _SHIFT) | np.uint64(np.uint32(items[j]))
@@ -149,10 +152,25 @@ def _shuffle_pairs(users, items, pos, packed, out_users, out_items):  # pragma: 
         t = packed[i]
         packed[i] = packed[k]
         packed[k] = t
+    # the negatives are drawn in the pass that writes the rows out: the draws' arithmetic fills
+    # the time the stores wait on memory. Draw f is _uniform_draws's f: half f & 1 of word f >> 1
+    per_row = out_neg.size // n if n else 0
+    bound = np.uint64(high)
+    redraw = np.zeros(1, np.uint64)
+    w = np.uint64(0)
+    f = 0
     for j in range(n):
         v = packed[j]
         out_users[j] = np.int32(np.uint32(v >> _SHIFT))
         out_items[j] = np.int32(np.uint32(v & _LOW32))
+        for _ in range(per_row):
+            if f & 1:
+                x = w >> _SHIFT
+            else:
+                w = _word(seed, np.uint64(f >> 1))
+                x = w & _LOW32
+            out_neg[f] = _below(seed, x, bound, redraw)
+            f += 1
 
 
 def swap_positions(seed: int, out: np.ndarray) -> np.ndarray:
@@ -170,8 +188,7 @@ def swap_positions(seed: int, out: np.ndarray) -> np.ndarray:
 
 def uniform_draws(seed: int, high: int, out: np.ndarray) -> np.ndarray:
     """``out`` (int32 or int64, any shape, contiguous) filled with uniform draws of ``0 .. high - 1``."""
-    if not 0 < high <= min(MAX_BOUND, np.iinfo(out.dtype).max + 1):
-        raise ValueError(f"uniform_draws: high must be in 1..{MAX_BOUND:,} for {out.dtype}")
+    _check_bound("uniform_draws", high, out.dtype)
     _uniform_draws(_seed_word(seed), high, out.reshape(-1))
     return out
 
@@ -183,11 +200,13 @@ def shuffle_pairs(
     out_users: np.ndarray,
     out_items: np.ndarray,
     scratch: np.ndarray,
+    negatives: tuple[int, int, np.ndarray] | None = None,
 ) -> None:
     """Write int32 ``users`` and ``items`` into ``out_*`` in the order :func:`swap_positions` drew.
 
     ``scratch`` is a uint64 buffer of at least ``len(users)``; the outputs (int32 or int64) must
-    not overlap the inputs.
+    not overlap the inputs. ``negatives`` = ``(seed, high, out)``, with ``out`` of ``len(users)``
+    rows, fills ``out`` in the same pass, exactly as ``uniform_draws(seed, high, out)`` would.
     """
     n = len(users)
     if len(items) != n or len(positions) != max(n - 1, 0):
@@ -199,9 +218,26 @@ def shuffle_pairs(
             f"shuffle_pairs: {n} rows into outputs of {len(out_users)} and {len(out_items)} "
             f"with {len(scratch)} of scratch"
         )
+    if negatives is None:
+        seed, high, out_neg = 0, 1, np.empty(0, out_users.dtype)
+    else:
+        seed, high, out_neg = negatives
+        _check_bound("shuffle_pairs", high, out_neg.dtype)
+        if len(out_neg) != n or not out_neg.flags.c_contiguous:
+            raise ValueError(
+                f"shuffle_pairs: negatives must be {n} contiguous rows, got {out_neg.shape}"
+            )
     # one compiled variant for Arrow's read-only buffers and for arrays joined from them
     _shuffle_pairs(
-        _read_only(users), _read_only(items), positions, scratch[:n], out_users, out_items
+        _read_only(users),
+        _read_only(items),
+        positions,
+        scratch[:n],
+        out_users,
+        out_items,
+        _seed_word(seed),
+        high,
+        out_neg.reshape(-1),
     )
 
 
@@ -214,9 +250,15 @@ def compile_kernels() -> None:
     rows = _read_only(np.arange(3, dtype=np.int32))
     positions = swap_positions(0, np.empty(2, dtype=np.uint32))
     for dtype in (np.int32, np.int64):
-        uniform_draws(0, 3, np.empty((3, 1), dtype))
         pair = np.empty(3, dtype), np.empty(3, dtype)
         shuffle_pairs(rows, rows, positions, *pair, np.empty(3, np.uint64))
+        negatives = (0, 3, np.empty((3, 1), dtype))
+        shuffle_pairs(rows, rows, positions, *pair, np.empty(3, np.uint64), negatives)
+
+
+def _check_bound(name: str, high: int, dtype: np.dtype) -> None:
+    if not 0 < high <= min(MAX_BOUND, np.iinfo(dtype).max + 1):
+        raise ValueError(f"{name}: high must be in 1..{MAX_BOUND:,} for {dtype}")
 
 
 def _read_only(values: np.ndarray) -> np.ndarray:

@@ -68,6 +68,8 @@ BATCH_KEYS = ("users", "pos", "neg")
 CHUNK_ROWS = 1 << 18
 # generator streams of one reader: window orders and batch negatives never share draws
 _WINDOW_STREAM, _NEGATIVE_STREAM = 0, 1
+# batches handed out between two checks for messages whose batches are all dropped
+_COLLECT_EVERY = 8
 
 
 class _Window(NamedTuple):
@@ -336,7 +338,7 @@ class ParquetStream(IterableDataset):
         :class:`BlockPool`, in a DataLoader worker one of its :class:`SharedWindows` blocks (or
         a fresh tensor when none is free).
         """
-        from recscale.loader.kernels import shuffle_pairs, swap_positions, uniform_draws
+        from recscale.loader.kernels import shuffle_pairs, swap_positions
 
         lengths = spans[:, 2] - spans[:, 1]
         span_end = np.cumsum(lengths)
@@ -401,11 +403,12 @@ class ParquetStream(IterableDataset):
                     values = pool.take()
                 out_users, out_pos = values[:n], values[n : 2 * n]
                 out_neg = values[2 * n : width * n].reshape(n, self.n_negatives)
-                shuffle_pairs(users, items, order, out_users, out_pos, scratch)
                 seed = self._seed(world, _NEGATIVE_STREAM, j)
                 if self.positives is None and self.cdf is None:
-                    uniform_draws(seed, self.n_items, out_neg)
+                    uniform = (seed, self.n_items, out_neg)
+                    shuffle_pairs(users, items, order, out_users, out_pos, scratch, uniform)
                 else:
+                    shuffle_pairs(users, items, order, out_users, out_pos, scratch)
                     out_neg[:] = sample_negatives(
                         out_users,
                         self.n_negatives,
@@ -711,7 +714,9 @@ class StreamLoader(EpochLoader):
                 batch = cut.popleft()
                 yield batch
                 del batch
-                shared.collect()
+                # the refcount checks cost more than the batch: a block waits at most 8 more
+                if len(cut) % _COLLECT_EVERY == 0:
+                    shared.collect()
 
     def state_dict(self) -> dict[str, Any]:
         start, nxt, skip = self.position()
