@@ -19,11 +19,11 @@ ts int64, value float32; zstd; row groups of 1M rows), then measures samples/s o
   so it runs in its own environment given by ``--petastorm-python`` (see below).
 
 Every configuration runs in its own process, one after the other, so it has the machine to itself,
-``--repeats`` times; the best run counts. Each run makes two passes (epochs) with one loader and
-times both: the second is the rate a training run sees from its second epoch on (workers already
-up, buffers already faulted in), the first includes starting up. The table's ratios are of the
-second; the first is shown beside it. Prints a table of samples/s and ratios and writes it to
-bench/out/loader.md.
+``--repeats`` times; the configurations of one worker count take turns, a run each per round, and
+the best run counts. Each run makes two passes (epochs) with one loader and times both: the second
+is the rate a training run sees from its second epoch on (workers already up, buffers already
+faulted in), the first includes starting up. The table's ratios are of the second; the first is
+shown beside it. Prints a table of samples/s and ratios and writes it to bench/out/loader.md.
 
     python bench/loader.py --rows 10000000 --petastorm-python /tmp/psvenv/bin/python
 
@@ -200,19 +200,28 @@ def write_part(directory: Path, rows: int, seed: int = 0) -> tuple[int, int]:
     return n_users, n_items
 
 
-def measure(kind: str, part: Path, workers: int, args: argparse.Namespace, n_items: int) -> dict:
-    """The best of ``args.repeats`` runs of one configuration (see :func:`measure_once`).
+def measure(
+    kinds: list[str], part: Path, workers: int, args: argparse.Namespace, n_items: int
+) -> dict[str, dict]:
+    """Per configuration, the best of ``args.repeats`` runs (see :func:`measure_once`).
 
-    The best, not the mean: what else runs on the machine only ever slows a run down, and one
-    pass over 10M rows lasts a fraction of a second.
+    The configurations take turns, one run each per round, so that a slow spell of the machine
+    falls on all of them rather than on one. The best, not the mean: what else runs on the
+    machine only ever slows a run down, and one pass over 10M rows lasts a fraction of a second.
     """
-    runs = [measure_once(kind, part, workers, args, n_items) for _ in range(args.repeats)]
-    good = [r for r in runs if "error" not in r]
-    if not good:
-        return runs[0]
-    best = max(good, key=lambda r: r["rate"])
-    best["rates"] = [round(r["rate"]) for r in good]
-    return best
+    runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            runs[kind].append(measure_once(kind, part, workers, args, n_items))
+    results = {}
+    for kind, tried in runs.items():
+        good = [r for r in tried if "error" not in r]
+        if not good:
+            results[kind] = tried[0]
+            continue
+        results[kind] = best = max(good, key=lambda r: r["rate"])
+        best["rates"] = [round(r["rate"]) for r in good]
+    return results
 
 
 def measure_once(
@@ -244,7 +253,7 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=1_000_000)
     parser.add_argument("--plain-batches", type=int, default=100)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; best kept")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per configuration; best kept")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument(
         "--petastorm-python", type=Path, help="a Python with petastorm (pyarrow < 15) installed"
@@ -266,12 +275,12 @@ def main() -> None:
     ]
     results: dict[tuple[str, int], dict] = {}
     for workers in args.workers:
-        for kind, label in kinds:
-            if kind == "raw-handover" and workers == 0:
-                continue  # no workers: the same as the raw read
-            results[kind, workers] = r = measure(kind, part, workers, args, n_items)
+        # no workers: the raw read handed over is the raw read
+        measured = [kind for kind, _ in kinds if workers or kind != "raw-handover"]
+        for kind, r in measure(measured, part, workers, args, n_items).items():
+            results[kind, workers] = r
             shown = r.get("error") or f"{r['rate']:,.0f} samples/s ({r['seconds']:.1f} s)"
-            print(f"workers={workers} {label}: {shown}", flush=True)
+            print(f"workers={workers} {dict(kinds)[kind]}: {shown}", flush=True)
 
     lines = [
         "| workers | loader | samples/s | vs plain DataLoader | vs raw read "

@@ -113,6 +113,21 @@ def test_negatives_drawn_with_the_shuffle_are_uniform_draws(
     assert np.array_equal(negatives, uniform_draws(9, high, np.empty((n, per_row), dtype)))
 
 
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 1_000, 1_001])
+def test_partners_drawn_while_packing_are_swap_positions(n: int) -> None:
+    rows = np.arange(n, dtype=np.int32)
+    drawn = np.empty(max(n - 1, 0), np.uint32)
+    out = np.empty(n, np.int64), np.empty(n, np.int64)
+    shuffle_pairs(rows, rows, drawn, *out, np.empty(n, np.uint64), order_seed=4)
+    positions = swap_positions(4, np.empty(max(n - 1, 0), np.uint32))
+    assert np.array_equal(drawn, positions)
+    assert out[0].tolist() == reference_shuffle(list(range(n)), positions)
+    with pytest.raises(TypeError, match="positions must be uint32"):
+        shuffle_pairs(
+            rows, rows, drawn.astype(np.int64), *out, np.empty(n, np.uint64), order_seed=4
+        )
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
 def test_uniform_draws_cover_the_range_evenly(dtype: type) -> None:
     out = uniform_draws(5, 7, np.empty((70_000, 2), dtype))

@@ -87,7 +87,7 @@ class SharedWindows:
 
     def __init__(self, readers: int, blocks: int, size: int, rows: int) -> None:
         self.readers, self.blocks, self.size, self.rows = readers, blocks, size, rows
-        scratch = rows * 8 + 2 * max(rows - 1, 0) * 4
+        scratch = rows * 8 + max(rows - 1, 0) * 4
         self._block_bytes = size * 8
         self._reader_bytes = blocks * self._block_bytes + _align(scratch)
         self._maps = [_shared(self._reader_bytes) for _ in range(readers)]
@@ -108,15 +108,13 @@ class SharedWindows:
 
     # -- worker side -----------------------------------------------------------------------
 
-    def scratch(self, reader: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The reader's uint64 packing scratch and its two uint32 arrays of swap positions."""
+    def scratch(self, reader: int) -> tuple[np.ndarray, np.ndarray]:
+        """The reader's uint64 packing scratch and its uint32 array of swap positions."""
         at = self.blocks * self._block_bytes
         buf = self._maps[reader]
         packed = np.frombuffer(buf, np.uint64, self.rows, at)
         at += self.rows * 8
-        n = max(self.rows - 1, 0)
-        orders = [np.frombuffer(buf, np.uint32, n, at + i * n * 4) for i in range(2)]
-        return packed, orders
+        return packed, np.frombuffer(buf, np.uint32, max(self.rows - 1, 0), at)
 
     def plan(self) -> tuple[int, int, list[int]]:
         """The epoch the workers read next: (epoch, rotation, batches each reader has done)."""

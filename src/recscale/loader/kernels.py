@@ -139,10 +139,28 @@ def _uniform_draws(seed, high, out):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True)
 def _shuffle_pairs(
-    users, items, pos, packed, out_users, out_items, seed, high, out_neg
+    users, items, pos, packed, out_users, out_items, order_seed, draw, seed, high, out_neg
 ):  # pragma: no cover - compiled
     n = users.size
-    for j in range(n):
+    if draw:  # the partners as _swap_positions draws them, two a word, while packing two rows
+        redraw = np.zeros(1, np.uint64)
+        for h in range(pos.size >> 1):
+            w = _word(order_seed, np.uint64(h))
+            s = 2 * h
+            pos[s] = np.uint32(_below(order_seed, w & _LOW32, np.uint64(n - s), redraw))
+            pos[s + 1] = np.uint32(_below(order_seed, w >> _SHIFT, np.uint64(n - s - 1), redraw))
+            packed[s] = (np.uint64(np.uint32(users[s])) << _SHIFT) | np.uint64(np.uint32(items[s]))
+            packed[s + 1] = (np.uint64(np.uint32(users[s + 1])) << _SHIFT) | np.uint64(
+                np.uint32(items[s + 1])
+            )
+        if pos.size & 1:
+            s = pos.size - 1
+            w = _word(order_seed, np.uint64(s >> 1))
+            pos[s] = np.uint32(_below(order_seed, w & _LOW32, np.uint64(n - s), redraw))
+        packed_up_to = (pos.size >> 1) << 1
+    else:
+        packed_up_to = 0
+    for j in range(packed_up_to, n):
         packed[j] = (np.uint64(np.uint32(users[j])) << _SHIFT) | np.uint64(np.uint32(items[j]))
     for s in range(n - 1):
         # the last swaps fetch the last partner again: cheaper than a branch
@@ -201,12 +219,15 @@ def shuffle_pairs(
     out_items: np.ndarray,
     scratch: np.ndarray,
     negatives: tuple[int, int, np.ndarray] | None = None,
+    order_seed: int | None = None,
 ) -> None:
     """Write int32 ``users`` and ``items`` into ``out_*`` in the order :func:`swap_positions` drew.
 
     ``scratch`` is a uint64 buffer of at least ``len(users)``; the outputs (int32 or int64) must
     not overlap the inputs. ``negatives`` = ``(seed, high, out)``, with ``out`` of ``len(users)``
     rows, fills ``out`` in the same pass, exactly as ``uniform_draws(seed, high, out)`` would.
+    With ``order_seed``, ``positions`` is written rather than read: the partners
+    ``swap_positions(order_seed, positions)`` would draw, drawn in the pass that packs the pairs.
     """
     n = len(users)
     if len(items) != n or len(positions) != max(n - 1, 0):
@@ -217,6 +238,10 @@ def shuffle_pairs(
         raise ValueError(
             f"shuffle_pairs: {n} rows into outputs of {len(out_users)} and {len(out_items)} "
             f"with {len(scratch)} of scratch"
+        )
+    if order_seed is not None and positions.dtype != np.uint32:
+        raise TypeError(
+            f"shuffle_pairs: positions must be uint32 to draw into, got {positions.dtype}"
         )
     if negatives is None:
         seed, high, out_neg = 0, 1, np.empty(0, out_users.dtype)
@@ -235,6 +260,8 @@ def shuffle_pairs(
         scratch[:n],
         out_users,
         out_items,
+        _seed_word(order_seed or 0),
+        order_seed is not None,
         _seed_word(seed),
         high,
         out_neg.reshape(-1),
@@ -254,6 +281,7 @@ def compile_kernels() -> None:
         shuffle_pairs(rows, rows, positions, *pair, np.empty(3, np.uint64))
         negatives = (0, 3, np.empty((3, 1), dtype))
         shuffle_pairs(rows, rows, positions, *pair, np.empty(3, np.uint64), negatives)
+        shuffle_pairs(rows, rows, positions, *pair, np.empty(3, np.uint64), negatives, 0)
 
 
 def _check_bound(name: str, high: int, dtype: np.dtype) -> None:

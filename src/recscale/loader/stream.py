@@ -72,7 +72,7 @@ _WINDOW_STREAM, _NEGATIVE_STREAM = 0, 1
 # batches handed out between two checks for messages whose batches are all dropped
 _COLLECT_EVERY = 8
 # messages a worker may have sent before the consumer takes them (the DataLoader's
-# prefetch_factor): a window's worth, so that a worker whose window comes early does not wait
+# prefetch_factor, named here because the shared blocks are counted from it)
 _MESSAGES_AHEAD = 2
 
 
@@ -97,7 +97,7 @@ class Workspace:
         for _ in range(2):  # a window's block and the last one's, whose batches are still out
             self.pool.blocks.append(np.zeros(width * rows, dtype=np.int64))
         self.scratch = np.zeros(rows, dtype=np.uint64)
-        self.orders = [np.zeros(max(rows - 1, 0), dtype=np.uint32) for _ in range(2)]
+        self.positions = np.zeros(max(rows - 1, 0), dtype=np.uint32)
 
 
 class RowGroups:
@@ -334,15 +334,15 @@ class ParquetStream(IterableDataset):
     def _windows(self, spans: np.ndarray, world: World, skip: int) -> Iterator[_Window]:
         """The reader's rows from position ``skip`` on, one shuffled window at a time.
 
-        Another thread prepares window ``j + 1`` (its rows decoded, its swap positions drawn)
-        while this one shuffles window ``j`` and draws its negatives; all of it releases the GIL.
+        Another thread decodes window ``j + 1``'s rows while this one shuffles window ``j`` and
+        draws its negatives; all of it releases the GIL.
 
         Each window is written as int64, users then positives then negatives, into a block the
         batches cut from it are views of: in the main process one from the loader's
         :class:`BlockPool`, in a DataLoader worker one of its :class:`SharedWindows` blocks (or
         a fresh tensor when none is free).
         """
-        from recscale.loader.kernels import shuffle_pairs, swap_positions
+        from recscale.loader.kernels import shuffle_pairs
 
         lengths = spans[:, 2] - spans[:, 1]
         span_end = np.cumsum(lengths)
@@ -357,20 +357,19 @@ class ParquetStream(IterableDataset):
         in_worker = get_worker_info() is not None
         shared = self.shared if in_worker else None
         if shared is not None:
-            scratch, orders = shared.scratch(world.worker)
+            scratch, positions = shared.scratch(world.worker)
         elif self.workspace is not None and self.workspace.rows >= rows:
-            scratch, orders = self.workspace.scratch, self.workspace.orders
+            scratch, positions = self.workspace.scratch, self.workspace.positions
         else:
             scratch = np.empty(rows, dtype=np.uint64)
-            # one set of swap positions is drawn while the other is used
-            orders = [np.empty(max(rows - 1, 0), dtype=np.uint32) for _ in range(2)]
+            positions = np.empty(max(rows - 1, 0), dtype=np.uint32)
         pool = (
             self.workspace.pool
             if self.workspace is not None and self.workspace.pool.size >= width * rows
             else BlockPool(width * rows, np.int64)
         )
 
-        def prepare(j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def prepare(j: int) -> tuple[np.ndarray, np.ndarray]:
             lo, hi = j * window, min((j + 1) * window, total)
             users, items = [], []
             for s in np.flatnonzero((span_start < hi) & (span_end > lo)):
@@ -381,10 +380,7 @@ class ParquetStream(IterableDataset):
                 u, i = self._row_group(int(group))
                 users.append(u[begin:end])
                 items.append(i[begin:end])
-            order = swap_positions(
-                self._seed(world, _WINDOW_STREAM, j), orders[j % 2][: hi - lo - 1]
-            )
-            return _join(users), _join(items), order
+            return _join(users), _join(items)
 
         # a thread to read ahead only where a core is left for it: with a reader per core, a
         # second thread per reader only makes them take turns
@@ -392,7 +388,7 @@ class ParquetStream(IterableDataset):
         with ThreadPoolExecutor(threads or 1, thread_name_prefix="recscale-stream") as ahead_pool:
             ahead = ahead_pool.submit(prepare, first) if threads else None
             for j in range(first, stop):
-                users, items, order = ahead.result() if ahead else prepare(j)
+                users, items = ahead.result() if ahead else prepare(j)
                 if threads and j + 1 < stop:
                     ahead = ahead_pool.submit(prepare, j + 1)
                 n = len(users)
@@ -407,12 +403,14 @@ class ParquetStream(IterableDataset):
                     values = pool.take()
                 out_users, out_pos = values[:n], values[n : 2 * n]
                 out_neg = values[2 * n : width * n].reshape(n, self.n_negatives)
+                shuffled = (users, items, positions[: max(n - 1, 0)], out_users, out_pos, scratch)
+                order_seed = self._seed(world, _WINDOW_STREAM, j)
                 seed = self._seed(world, _NEGATIVE_STREAM, j)
                 if self.positives is None and self.cdf is None:
                     uniform = (seed, self.n_items, out_neg)
-                    shuffle_pairs(users, items, order, out_users, out_pos, scratch, uniform)
+                    shuffle_pairs(*shuffled, uniform, order_seed=order_seed)
                 else:
-                    shuffle_pairs(users, items, order, out_users, out_pos, scratch)
+                    shuffle_pairs(*shuffled, order_seed=order_seed)
                     out_neg[:] = sample_negatives(
                         out_users,
                         self.n_negatives,
@@ -719,7 +717,8 @@ class StreamLoader(EpochLoader):
                 batch = cut.popleft()
                 yield batch
                 del batch
-                # the refcount checks cost more than the batch: a block waits at most 8 more
+                # the refcount checks cost more than cutting the batch; a block is released at
+                # most _COLLECT_EVERY batches late
                 if len(cut) % _COLLECT_EVERY == 0:
                     shared.collect()
 
