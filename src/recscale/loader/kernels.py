@@ -4,8 +4,12 @@
   :func:`shuffle_pairs` applies them to a window's (user, item) pairs packed into one 64-bit word
   each, so every swap moves both columns with one load and one store, and no gather by a random
   index follows.
-- :func:`uniform_draws` fills a buffer with uniform negatives; :func:`shuffle_pairs` can draw
-  them too, in the pass that writes the shuffled rows out.
+- :func:`uniform_draws` fills a buffer with uniform negatives.
+
+The loader has :func:`shuffle_pairs` do all three in three passes over the window: the partners
+are drawn while the pairs are packed, the swaps follow, and the negatives are drawn while the
+shuffled rows are written out; the draws' arithmetic then fills time the passes spend waiting on
+memory. The two other functions draw the same values alone, and the tests hold the three to them.
 
 Why not ``torch.randperm`` and two ``index_select``: on a 1M-row window both wait on a cache
 miss at every row (the permutation is built by random swaps, and the gathers read at random);
