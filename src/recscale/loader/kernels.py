@@ -112,20 +112,39 @@ def _below(seed, x, bound, redraw):  # pragma: no cover - compiled
     return m >> _SHIFT
 
 
+@njit(inline="always", cache=True)
+def _draw_partners(seed, h, n, out, redraw):  # pragma: no cover - compiled
+    """Swap partners ``2h`` and ``2h + 1`` of ``n`` rows into ``out``, from word ``h``.
+
+    Two a word, without a branch on which half: a third faster than one a word.
+    """
+    w = _word(seed, np.uint64(h))
+    s = 2 * h
+    out[s] = np.uint32(_below(seed, w & _LOW32, np.uint64(n - s), redraw))
+    out[s + 1] = np.uint32(_below(seed, w >> _SHIFT, np.uint64(n - s - 1), redraw))
+
+
+@njit(inline="always", cache=True)
+def _draw_last_partner(seed, n, out, redraw):  # pragma: no cover - compiled
+    """The last of an odd number of partners, from the low half of its word."""
+    s = out.size - 1
+    w = _word(seed, np.uint64(s >> 1))
+    out[s] = np.uint32(_below(seed, w & _LOW32, np.uint64(n - s), redraw))
+
+
+@njit(inline="always", cache=True)
+def _pack(users, items, j):  # pragma: no cover - compiled
+    return (np.uint64(np.uint32(users[j])) << _SHIFT) | np.uint64(np.uint32(items[j]))
+
+
 @njit(nogil=True, cache=True)
 def _swap_positions(seed, out):  # pragma: no cover - compiled
-    # two positions per word, without a branch on which half: a third faster
     n = out.size + 1
     redraw = np.zeros(1, np.uint64)
     for h in range(out.size >> 1):
-        w = _word(seed, np.uint64(h))
-        s = 2 * h
-        out[s] = np.uint32(_below(seed, w & _LOW32, np.uint64(n - s), redraw))
-        out[s + 1] = np.uint32(_below(seed, w >> _SHIFT, np.uint64(n - s - 1), redraw))
+        _draw_partners(seed, h, n, out, redraw)
     if out.size & 1:
-        s = out.size - 1
-        w = _word(seed, np.uint64(s >> 1))
-        out[s] = np.uint32(_below(seed, w & _LOW32, np.uint64(n - s), redraw))
+        _draw_last_partner(seed, n, out, redraw)
 
 
 @njit(nogil=True, cache=True)
@@ -149,23 +168,16 @@ def _shuffle_pairs(
     if draw:  # the partners as _swap_positions draws them, two a word, while packing two rows
         redraw = np.zeros(1, np.uint64)
         for h in range(pos.size >> 1):
-            w = _word(order_seed, np.uint64(h))
-            s = 2 * h
-            pos[s] = np.uint32(_below(order_seed, w & _LOW32, np.uint64(n - s), redraw))
-            pos[s + 1] = np.uint32(_below(order_seed, w >> _SHIFT, np.uint64(n - s - 1), redraw))
-            packed[s] = (np.uint64(np.uint32(users[s])) << _SHIFT) | np.uint64(np.uint32(items[s]))
-            packed[s + 1] = (np.uint64(np.uint32(users[s + 1])) << _SHIFT) | np.uint64(
-                np.uint32(items[s + 1])
-            )
+            _draw_partners(order_seed, h, n, pos, redraw)
+            packed[2 * h] = _pack(users, items, 2 * h)
+            packed[2 * h + 1] = _pack(users, items, 2 * h + 1)
         if pos.size & 1:
-            s = pos.size - 1
-            w = _word(order_seed, np.uint64(s >> 1))
-            pos[s] = np.uint32(_below(order_seed, w & _LOW32, np.uint64(n - s), redraw))
+            _draw_last_partner(order_seed, n, pos, redraw)
         packed_up_to = (pos.size >> 1) << 1
     else:
         packed_up_to = 0
     for j in range(packed_up_to, n):
-        packed[j] = (np.uint64(np.uint32(users[j])) << _SHIFT) | np.uint64(np.uint32(items[j]))
+        packed[j] = _pack(users, items, j)
     for s in range(n - 1):
         # the last swaps fetch the last partner again: cheaper than a branch
         _prefetch(packed, pos[min(s + _PREFETCH_AHEAD, n - 2)])
