@@ -273,6 +273,7 @@ def main() -> None:
         ("plain", "plain DataLoader (per-row `__getitem__`)"),
         ("petastorm", "Petastorm `BatchedDataLoader`"),
     ]
+    labels = dict(kinds)
     results: dict[tuple[str, int], dict] = {}
     for workers in args.workers:
         # no workers: the raw read handed over is the raw read
@@ -280,7 +281,7 @@ def main() -> None:
         for kind, r in measure(measured, part, workers, args, n_items).items():
             results[kind, workers] = r
             shown = r.get("error") or f"{r['rate']:,.0f} samples/s ({r['seconds']:.1f} s)"
-            print(f"workers={workers} {dict(kinds)[kind]}: {shown}", flush=True)
+            print(f"workers={workers} {labels[kind]}: {shown}", flush=True)
 
     lines = [
         "| workers | loader | samples/s | vs plain DataLoader | vs raw read "

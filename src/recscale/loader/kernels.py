@@ -293,10 +293,10 @@ def compile_kernels() -> None:
     rows = _read_only(np.arange(3, dtype=np.int32))
     positions = swap_positions(0, np.empty(2, dtype=np.uint32))
     for dtype in (np.int32, np.int64):
+        # one variant per output type: drawing or reading the partners, and drawing negatives
+        # or not, are decided at run time
         pair = np.empty(3, dtype), np.empty(3, dtype)
-        shuffle_pairs(rows, rows, positions, *pair, np.empty(3, np.uint64))
         negatives = (0, 3, np.empty((3, 1), dtype))
-        shuffle_pairs(rows, rows, positions, *pair, np.empty(3, np.uint64), negatives)
         shuffle_pairs(rows, rows, positions, *pair, np.empty(3, np.uint64), negatives, 0)
 
 
