@@ -128,6 +128,61 @@ def test_partners_drawn_while_packing_are_swap_positions(n: int) -> None:
         )
 
 
+def splitmix_words(seed: int, count: int) -> np.ndarray:
+    """Words 0 .. count - 1 of ``seed``'s stream, computed with NumPy (wrapping uint64)."""
+    z = np.uint64(seed) + (np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def rejected(values: np.ndarray, bounds: np.ndarray) -> int:
+    """How many 32-bit ``values`` Lemire's method rejects for their ``bounds``."""
+    values, bounds = values.astype(np.uint64), bounds.astype(np.uint64)
+    low = (values * bounds) & np.uint64(0xFFFFFFFF)
+    return int((low < (np.uint64(2**32) - bounds) % bounds).sum())
+
+
+def test_partners_of_a_million_rows_with_redraws_are_swap_positions() -> None:
+    # a window this long has partners that are redrawn (counted independently below), in
+    # blocks of draws that are otherwise vectorised: the redraws still come in order
+    n, seed = 1_000_003, 4
+    words = splitmix_words(seed, (n - 1) // 2 + 1)
+    halves = np.stack([words & np.uint64(0xFFFFFFFF), words >> np.uint64(32)], 1).ravel()
+    assert rejected(halves[: n - 1], n - np.arange(n - 1)) > 10
+    rows = np.arange(n, dtype=np.int32)
+    drawn = np.empty(n - 1, np.uint32)
+    out = np.empty(n, np.int64), np.empty(n, np.int64)
+    shuffle_pairs(rows, rows[::-1].copy(), drawn, *out, np.empty(n, np.uint64), order_seed=seed)
+    positions = swap_positions(seed, np.empty(n - 1, np.uint32))
+    assert np.array_equal(drawn, positions)
+    order = np.arange(n)
+    for s, k in enumerate(positions.tolist()):  # the textbook shuffle, on indices
+        i = n - 1 - s
+        order[i], order[k] = order[k], order[i]
+    assert np.array_equal(out[0], order) and np.array_equal(out[1], n - 1 - order)
+
+
+@pytest.mark.parametrize(
+    "n, per_row, high",
+    [
+        (5_000, 1, 3 * 2**29),  # every block redraws some, and the last block is partial
+        (5_001, 3, 3 * 2**29),
+        (1_000_000, 1, 200_000),  # a few blocks redraw, most do not
+    ],
+)
+def test_long_runs_of_negatives_are_uniform_draws(n: int, per_row: int, high: int) -> None:
+    words = splitmix_words(9, n * per_row // 2 + 1)
+    halves = np.stack([words & np.uint64(0xFFFFFFFF), words >> np.uint64(32)], 1).ravel()
+    assert rejected(halves[: n * per_row], np.full(n * per_row, high)) > 0
+    rows = np.arange(n, dtype=np.int32)
+    positions = swap_positions(2, np.empty(n - 1, np.uint32))
+    out = np.empty(n, np.int64), np.empty(n, np.int64)
+    negatives = np.empty((n, per_row), np.int64)
+    shuffle_pairs(rows, rows, positions, *out, np.empty(n, np.uint64), (9, high, negatives))
+    assert np.array_equal(negatives, uniform_draws(9, high, np.empty((n, per_row), np.int64)))
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
 def test_uniform_draws_cover_the_range_evenly(dtype: type) -> None:
     out = uniform_draws(5, 7, np.empty((70_000, 2), dtype))

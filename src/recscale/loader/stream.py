@@ -229,8 +229,8 @@ class ParquetStream(IterableDataset):
     ``pos``, ``neg``) and the ``reader`` that made them, which :class:`StreamLoader` cuts back
     into batches: a DataLoader pays a fixed cost per object it passes from a worker (about 2 ms
     here, whatever its size), so one object per batch would cap a worker at a few hundred
-    batches per second. In a worker they are int32, which halves the bytes that go through
-    shared memory and which :class:`StreamLoader` widens; in the main process, int64.
+    batches per second. A worker's chunks name rows of its shared blocks (:class:`Piece`), which
+    :class:`StreamLoader` cuts into views; in the main process they are the tensors themselves.
     """
 
     def __init__(
