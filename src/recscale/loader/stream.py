@@ -486,19 +486,39 @@ def _cut_batches(
     columns: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int, k: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of ``size`` rows cut in order from pieces of (users, positives, flat negatives):
-    views of the pieces, except where a batch straddles two (the last may hold fewer rows)."""
+    views of the pieces, except where a batch straddles two (the last may hold fewer rows).
+
+    A piece's whole batches are cut by one ``split`` per column, which costs the consumer
+    about 3 µs a batch against 5 for three ``from_numpy`` of NumPy slices.
+    """
     held: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     n_held = 0
     for users, pos, neg in columns:
         n, at = len(users), 0
-        while at < n:
-            take = min(size - n_held, n - at)
-            held.append((users[at : at + take], pos[at : at + take], neg[at * k : (at + take) * k]))
+        if n_held:  # the batch begun in the last piece
+            take = min(size - n_held, n)
+            held.append((users[:take], pos[:take], neg[: take * k]))
             n_held += take
-            at += take
+            at = take
             if n_held == size:
                 yield _batch(held, k)
                 held, n_held = [], 0
+        whole = (n - at) // size * size
+        if whole:
+            stop = at + whole
+            cut = (
+                torch.from_numpy(users[at:stop]).split(size),
+                torch.from_numpy(pos[at:stop]).split(size),
+                torch.from_numpy(neg[at * k : stop * k]).view(-1, k).split(size),
+            )
+            for u, p, g in zip(*cut, strict=True):
+                yield {"users": u, "pos": p, "neg": g}
+            # the piece's tensors go now: a block is reused once nothing views it
+            del cut, u, p, g
+            at = stop
+        if at < n:
+            held.append((users[at:], pos[at:], neg[at * k :]))
+            n_held += n - at
     if held:
         yield _batch(held, k)
 
