@@ -65,8 +65,9 @@ log = logging.getLogger("recscale.loader")
 USER, ITEM = "user_idx", "item_idx"
 BATCH_KEYS = ("users", "pos", "neg")
 # rows a DataLoader worker hands over per message (see ParquetStream): each one costs the
-# consumer about 0.3 ms in the DataLoader's queues, so half a default window rather than a quarter
-CHUNK_ROWS = 1 << 19
+# consumer about 0.3 ms in the DataLoader's queues, so a whole default window (a worker sends a
+# window's messages at once anyway); it takes 6 shared blocks per reader rather than 4
+CHUNK_ROWS = 1 << 20
 # generator streams of one reader: window orders and batch negatives never share draws
 _WINDOW_STREAM, _NEGATIVE_STREAM = 0, 1
 # batches handed out between two checks for messages whose batches are all dropped
