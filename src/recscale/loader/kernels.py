@@ -193,6 +193,21 @@ def _draw_last_partner(seed, n, out, redraw):  # pragma: no cover - compiled
 
 
 @njit(inline="always", cache=True)
+def _draw_uniform(seed, h, bound, out, redraw):  # pragma: no cover - compiled
+    """Uniform draws ``2h`` and ``2h + 1`` below ``bound`` into ``out``, from word ``h``."""
+    w = _word(seed, np.uint64(h))
+    out[2 * h] = _below(seed, w & _LOW32, bound, redraw)
+    out[2 * h + 1] = _below(seed, w >> _SHIFT, bound, redraw)
+
+
+@njit(inline="always", cache=True)
+def _draw_last_uniform(seed, bound, out, redraw):  # pragma: no cover - compiled
+    """The last of an odd number of uniform draws, from the low half of its word."""
+    w = _word(seed, np.uint64(out.size >> 1))
+    out[out.size - 1] = _below(seed, w & _LOW32, bound, redraw)
+
+
+@njit(inline="always", cache=True)
 def _pack(users, items, j):  # pragma: no cover - compiled
     return (np.uint64(np.uint32(users[j])) << _SHIFT) | np.uint64(np.uint32(items[j]))
 
@@ -212,12 +227,9 @@ def _uniform_draws(seed, high, out):  # pragma: no cover - compiled
     bound = np.uint64(high)
     redraw = np.zeros(1, np.uint64)
     for h in range(out.size >> 1):
-        w = _word(seed, np.uint64(h))
-        out[2 * h] = _below(seed, w & _LOW32, bound, redraw)
-        out[2 * h + 1] = _below(seed, w >> _SHIFT, bound, redraw)
+        _draw_uniform(seed, h, bound, out, redraw)
     if out.size & 1:
-        w = _word(seed, np.uint64(out.size >> 1))
-        out[out.size - 1] = _below(seed, w & _LOW32, bound, redraw)
+        _draw_last_uniform(seed, bound, out, redraw)
 
 
 @njit(nogil=True, cache=True)
@@ -283,12 +295,9 @@ def _fill_uniform(seed, high, out):  # pragma: no cover - compiled
     for b in range(full + 1):
         if b == full or suspects[b]:  # the last, partial block is drawn one by one
             for h in range(b * _BLOCK, min((b + 1) * _BLOCK, pairs)):
-                w = _word(seed, np.uint64(h))
-                out[2 * h] = _below(seed, w & _LOW32, bound, redraw)
-                out[2 * h + 1] = _below(seed, w >> _SHIFT, bound, redraw)
+                _draw_uniform(seed, h, bound, out, redraw)
     if out.size & 1:
-        w = _word(seed, np.uint64(pairs))
-        out[out.size - 1] = _below(seed, w & _LOW32, bound, redraw)
+        _draw_last_uniform(seed, bound, out, redraw)
 
 
 @njit(nogil=True, cache=True)
